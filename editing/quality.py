@@ -1,0 +1,179 @@
+"""Closed-form quality checks for an edited catalogue image, cheap enough to run on CPU for every item.
+
+A learned retouch can go wrong in three ways a reviewer cares about: it destroys the product's
+structure, it edits in a different direction (or much more or less) than the retoucher's exemplars,
+or it produces artefacts (NaN, blown-out pixels, a flat image). Each has one figure here, named after
+what computes it so that numbers from different backbones are never compared by accident:
+
+- ``ssim_structure``: the *structure* term of SSIM on luminance (local correlation of source and
+  output). Brightness and contrast changes are legitimate edits, so SSIM's luminance and contrast
+  terms are left out on purpose.
+- ``edit_strength`` and ``direction_agreement``: the colour-statistics shift of output vs source
+  (mean and spread of L*, a*, b*) compared with the category's exemplar shift (after vs before):
+  the ratio of magnitudes and the cosine of directions.
+- ``clipped_fraction`` (pixels at 0 or 255 in the output that were not clipped in the source),
+  ``output_std`` (flat output) and ``nonfinite_fraction``.
+
+The thresholds live in :class:`QCThresholds`; the Prefect config mirrors them as a pydantic model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+from skimage.color import rgb2lab
+
+# QC runs on a bounded working size: the figures are global statistics, so a 256 px view decides the
+# same as the full image at a fraction of the cost.
+WORK_SIDE = 256
+_SSIM_SIGMA = 1.5
+_SSIM_C3 = (0.03 * 1.0) ** 2 / 2  # SSIM's C3 = C2 / 2 for data in [0, 1]
+
+
+@dataclass(frozen=True)
+class QCThresholds:
+    """Where a figure turns an item from pass into flag (needs a look) or fail (do not publish)."""
+
+    fail_ssim_structure: float = 0.35
+    flag_ssim_structure: float = 0.6
+    flag_direction_agreement: float = 0.5
+    flag_strength_min: float = 0.3
+    flag_strength_max: float = 3.0
+    flag_clipped_fraction: float = 0.2
+    fail_clipped_fraction: float = 0.5
+    fail_output_std: float = 0.01
+
+
+@dataclass(frozen=True)
+class QCResult:
+    """The figures of one item and the decision taken on them, with the reasons for it."""
+
+    ssim_structure: float
+    edit_strength: float
+    direction_agreement: float
+    clipped_fraction: float
+    output_std: float
+    nonfinite_fraction: float
+    status: str
+    reasons: tuple[str, ...]
+    shift: tuple[float, ...]
+
+    def figures(self) -> dict:
+        """Everything as plain JSON-ready values (the manifest's `qc_figures` column)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def _as_float(image: Image.Image | np.ndarray) -> np.ndarray:
+    """HxWx3 float64 in [0, 1], at most WORK_SIDE on the longer side; NaN survives for the artefact check."""
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+        scale = WORK_SIDE / max(image.size)
+        if scale < 1:
+            image = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR
+            )
+        array = np.asarray(image, dtype=np.float64) / 255.0
+    else:
+        array = np.asarray(image, dtype=np.float64)
+        if array.max(initial=0.0) > 1.0 + 1e-6:
+            array = array / 255.0
+    return array[..., :3]
+
+
+def colour_statistics(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Mean and standard deviation of L*, a*, b*: six numbers that move with every global tone edit."""
+    lab = rgb2lab(np.clip(np.nan_to_num(_as_float(image)), 0.0, 1.0)).reshape(-1, 3)
+    return np.concatenate([lab.mean(axis=0), lab.std(axis=0)])
+
+
+def colour_shift(before: Image.Image | np.ndarray, after: Image.Image | np.ndarray) -> np.ndarray:
+    """How the colour statistics moved from `before` to `after` (the edit's direction and size)."""
+    return colour_statistics(after) - colour_statistics(before)
+
+
+def reference_shift(pairs: list[tuple[Image.Image, Image.Image]]) -> list[float]:
+    """The category's typical shift: the mean over its exemplar pairs (before, after)."""
+    if not pairs:
+        raise ValueError("a reference shift needs at least one exemplar pair")
+    return np.mean([colour_shift(before, after) for before, after in pairs], axis=0).tolist()
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return rgb @ np.array([0.299, 0.587, 0.114])
+
+
+def ssim_structure(source: np.ndarray, output: np.ndarray) -> float:
+    """Mean SSIM structure term s = (cov + C3) / (sd_x sd_y + C3) of the two luminance images."""
+    x, y = _luma(source), _luma(output)
+    if x.shape != y.shape:
+        y = np.asarray(Image.fromarray(y.astype(np.float32)).resize(x.shape[::-1], Image.BILINEAR))
+    mean_x, mean_y = gaussian_filter(x, _SSIM_SIGMA), gaussian_filter(y, _SSIM_SIGMA)
+    var_x = np.maximum(gaussian_filter(x * x, _SSIM_SIGMA) - mean_x**2, 0.0)
+    var_y = np.maximum(gaussian_filter(y * y, _SSIM_SIGMA) - mean_y**2, 0.0)
+    cov = gaussian_filter(x * y, _SSIM_SIGMA) - mean_x * mean_y
+    return float(np.mean((cov + _SSIM_C3) / (np.sqrt(var_x * var_y) + _SSIM_C3)))
+
+
+def _clipped(rgb: np.ndarray) -> np.ndarray:
+    return ((rgb <= 1.0 / 255) | (rgb >= 254.0 / 255)).any(axis=-1)
+
+
+def assess(
+    source: Image.Image | np.ndarray,
+    output: Image.Image | np.ndarray,
+    reference: list[float] | np.ndarray,
+    thresholds: QCThresholds = QCThresholds(),
+) -> QCResult:
+    """Compute the figures of one edited item against its source and the category's reference shift."""
+    src, out = _as_float(source), _as_float(output)
+    nonfinite = float(np.mean(~np.isfinite(out)))
+    if nonfinite > 0:
+        return QCResult(math.nan, math.nan, math.nan, math.nan, math.nan, nonfinite, "fail",
+                        ("non-finite pixels",), ())
+    if out.shape != src.shape:
+        out = np.asarray(
+            Image.fromarray((out * 255).round().astype(np.uint8)).resize(src.shape[1::-1], Image.BILINEAR),
+            dtype=np.float64,
+        ) / 255.0
+    shift = colour_shift(src, out)
+    ref = np.asarray(reference, dtype=np.float64)
+    ref_norm, shift_norm = float(np.linalg.norm(ref)), float(np.linalg.norm(shift))
+    strength = shift_norm / ref_norm if ref_norm > 1e-9 else math.nan
+    direction = float(shift @ ref / (shift_norm * ref_norm)) if shift_norm * ref_norm > 1e-9 else 0.0
+    clipped = float(np.mean(_clipped(out) & ~_clipped(src)))
+    out_std = float(_luma(out).std())
+    structure = ssim_structure(src, out)
+    status, reasons = decide(structure, strength, direction, clipped, out_std, thresholds)
+    return QCResult(structure, strength, direction, clipped, out_std, nonfinite, status, reasons,
+                    tuple(float(v) for v in shift))
+
+
+def decide(
+    structure: float, strength: float, direction: float, clipped: float, out_std: float,
+    thresholds: QCThresholds,
+) -> tuple[str, tuple[str, ...]]:
+    """pass / flag / fail: fail means unusable, flag means a reviewer should look."""
+    t = thresholds
+    fails = [
+        reason for reason, bad in (
+            ("structure lost", structure < t.fail_ssim_structure),
+            ("mostly clipped", clipped > t.fail_clipped_fraction),
+            ("flat output", out_std < t.fail_output_std),
+        ) if bad
+    ]
+    if fails:
+        return "fail", tuple(fails)
+    flags = [
+        reason for reason, bad in (
+            ("structure weakened", structure < t.flag_ssim_structure),
+            ("direction differs from exemplars", direction < t.flag_direction_agreement),
+            ("edit much weaker than exemplars", not strength >= t.flag_strength_min),
+            ("edit much stronger than exemplars", strength > t.flag_strength_max),
+            ("clipping", clipped > t.flag_clipped_fraction),
+        ) if bad
+    ]
+    return ("flag", tuple(flags)) if flags else ("pass", ())
