@@ -1,0 +1,194 @@
+"""Where things live under a store root: exemplar pairs and the catalogue with its index.
+
+```
+exemplars/<category>/<pair_id>/before.<ext>    the retoucher's input
+exemplars/<category>/<pair_id>/after.<ext>     the retoucher's result
+catalogue/...                                  images to edit, any sub-folders
+catalogue/index.parquet (or index.csv)         image_id, key, category, partition
+```
+
+Layout problems in exemplars (a missing half, a stray file) are returned as `LayoutProblem`s rather
+than raised: one bad pair must not stop a category from being learned, but it must be reported.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pandas as pd
+from PIL import Image
+
+from storage.images import MissingPairHalfError, PairSizeMismatchError, load_image
+from storage.keys import InvalidKeyError, StoreError, validate_key
+from storage.store import NotFoundError, Store
+
+__all__ = [
+    "CATALOGUE_INDEX_COLUMNS",
+    "CATALOGUE_PREFIX",
+    "EXEMPLARS_PREFIX",
+    "IMAGE_EXTENSIONS",
+    "CatalogueIndexError",
+    "ExemplarPair",
+    "LayoutProblem",
+    "list_categories",
+    "list_exemplar_pairs",
+    "load_pair",
+    "read_catalogue_index",
+    "write_catalogue_index",
+]
+
+EXEMPLARS_PREFIX = "exemplars/"
+CATALOGUE_PREFIX = "catalogue/"
+CATALOGUE_INDEX_PARQUET = "catalogue/index.parquet"
+CATALOGUE_INDEX_CSV = "catalogue/index.csv"
+CATALOGUE_INDEX_COLUMNS = ("image_id", "key", "category", "partition")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+_HALVES = ("before", "after")
+
+
+class CatalogueIndexError(StoreError):
+    """The catalogue index is missing, unreadable, or has rows the pipeline cannot process."""
+
+
+@dataclass(frozen=True)
+class ExemplarPair:
+    """One before/after pair, by key; images are loaded only when a step needs them."""
+
+    category: str
+    pair_id: str
+    before_key: str
+    after_key: str
+
+
+@dataclass(frozen=True)
+class LayoutProblem:
+    """Something in the tree that does not fit the layout; `code` is stable for reports and tests."""
+
+    key: str
+    code: str
+    reason: str
+
+
+def list_categories(store: Store) -> list[str]:
+    """Category names: the folders directly under `exemplars/` that contain at least one file."""
+    return sorted(
+        {key.split("/")[1] for key in store.list(EXEMPLARS_PREFIX) if key.count("/") >= 2}
+    )
+
+
+def list_exemplar_pairs(store: Store, category: str) -> tuple[list[ExemplarPair], list[LayoutProblem]]:
+    """Complete pairs of `category` sorted by pair_id, and every problem found on the way."""
+    validate_key(category)
+    if "/" in category:
+        raise InvalidKeyError(category, "a category is one path segment")
+    base = f"{EXEMPLARS_PREFIX}{category}/"
+    halves: dict[str, dict[str, list[str]]] = defaultdict(lambda: {h: [] for h in _HALVES})
+    problems: list[LayoutProblem] = []
+    for key in store.list(base):
+        parts = key[len(base) :].split("/")
+        if len(parts) != 2:
+            problems.append(LayoutProblem(key, "unexpected_key", f"expected {base}<pair_id>/before|after.<ext>"))
+            continue
+        pair_id, name = parts
+        stem, dot, ext = name.rpartition(".")
+        if not dot or stem.lower() not in _HALVES:
+            problems.append(LayoutProblem(key, "unexpected_key", "only before.<ext> and after.<ext> belong here"))
+            continue
+        if f".{ext.lower()}" not in IMAGE_EXTENSIONS:
+            problems.append(
+                LayoutProblem(key, "unsupported_extension", f"extension .{ext} is not one of {sorted(IMAGE_EXTENSIONS)}")
+            )
+            continue
+        halves[pair_id][stem.lower()].append(key)
+    pairs: list[ExemplarPair] = []
+    for pair_id in sorted(halves):
+        found = halves[pair_id]
+        bad = False
+        for half in _HALVES:
+            keys = found[half]
+            if not keys:
+                other = found[_HALVES[1 - _HALVES.index(half)]][0]
+                problems.append(
+                    LayoutProblem(other, MissingPairHalfError.code, f"pair {category}/{pair_id} has no {half} image")
+                )
+                bad = True
+            elif len(keys) > 1:
+                problems.append(LayoutProblem(keys[0], "ambiguous_pair", f"several {half} images: {keys}"))
+                bad = True
+        if not bad:
+            pairs.append(ExemplarPair(category, pair_id, found["before"][0], found["after"][0]))
+    return pairs, problems
+
+
+def load_pair(store: Store, pair: ExemplarPair) -> tuple[Image.Image, Image.Image]:
+    """Decode both halves; they must have the same size (after EXIF rotation) to be a pair."""
+    images = []
+    for key in (pair.before_key, pair.after_key):
+        try:
+            images.append(load_image(store, key))
+        except NotFoundError as exc:
+            raise MissingPairHalfError(key, f"pair {pair.category}/{pair.pair_id}: {exc}") from exc
+    before, after = images
+    if before.size != after.size:
+        raise PairSizeMismatchError(
+            pair.after_key,
+            f"pair {pair.category}/{pair.pair_id}: before is {before.size[0]}x{before.size[1]}, "
+            f"after is {after.size[0]}x{after.size[1]}",
+        )
+    return before, after
+
+
+def _validated_index(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Normalise types (all four columns are strings) and refuse rows the pipeline cannot use."""
+    missing = [c for c in CATALOGUE_INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        raise CatalogueIndexError(f"{where}: missing columns {missing}; need {list(CATALOGUE_INDEX_COLUMNS)}")
+    out = df.copy()
+    for col in CATALOGUE_INDEX_COLUMNS:
+        nulls = out[col].isna()
+        if nulls.any():
+            raise CatalogueIndexError(f"{where}: column {col!r} is empty in rows {list(out.index[nulls][:10])}")
+        out[col] = out[col].astype(str)
+    dupes = out["image_id"][out["image_id"].duplicated()]
+    if len(dupes):
+        raise CatalogueIndexError(f"{where}: duplicate image_id values {sorted(set(dupes))[:10]}")
+    for col in ("key", "category", "partition"):
+        for value in out[col].unique():
+            try:
+                validate_key(value)
+                if col != "key" and "/" in value:
+                    raise InvalidKeyError(value, "must be a single path segment")
+            except InvalidKeyError as exc:
+                raise CatalogueIndexError(f"{where}: bad {col}: {exc}") from exc
+    return out.reset_index(drop=True)
+
+
+def read_catalogue_index(store: Store) -> pd.DataFrame:
+    """The catalogue index (Parquet preferred, CSV accepted), validated, all columns as strings."""
+    for key, reader in ((CATALOGUE_INDEX_PARQUET, pd.read_parquet), (CATALOGUE_INDEX_CSV, _read_csv)):
+        try:
+            data = store.get_bytes(key)
+        except NotFoundError:
+            continue
+        try:
+            df = reader(io.BytesIO(data))
+        except Exception as exc:  # pandas/pyarrow raise many types for a broken file
+            raise CatalogueIndexError(f"{store.uri_for(key)}: unreadable: {exc}") from exc
+        return _validated_index(df, store.uri_for(key))
+    raise CatalogueIndexError(f"{store.uri}: no {CATALOGUE_INDEX_PARQUET} or {CATALOGUE_INDEX_CSV}")
+
+
+def _read_csv(buf: io.BytesIO) -> pd.DataFrame:
+    # Strings throughout: image ids like "000123" must keep their zeros.
+    return pd.read_csv(buf, dtype=str, keep_default_na=False, na_values=[""])
+
+
+def write_catalogue_index(store: Store, df: pd.DataFrame) -> str:
+    """Validate and write `catalogue/index.parquet` in one PUT; returns the key."""
+    out = _validated_index(df, store.uri_for(CATALOGUE_INDEX_PARQUET))
+    buf = io.BytesIO()
+    out.to_parquet(buf, index=False)
+    store.put_bytes(CATALOGUE_INDEX_PARQUET, buf.getvalue(), content_type="application/vnd.apache.parquet")
+    return CATALOGUE_INDEX_PARQUET
