@@ -1,0 +1,94 @@
+"""Publishing: copy approved outputs into the catalogue and record every verdict in the manifest.
+
+One task per manifest partition. The order inside the task is what makes a crash harmless: first the
+approved objects are copied (idempotent: same key, same bytes), then the partition's manifest file
+is rewritten atomically. A crash in between leaves the rows `pending`, so a re-run copies the same
+bytes to the same keys again and then records the verdicts; nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from urllib.parse import unquote
+
+from prefect import task
+
+from storage.keys import join_key
+from storage.manifest import read_manifest, write_manifest_partition
+from storage.store import Store, open_store
+from tasks.review import APPROVED, PENDING
+
+
+def published_key(category: str, image_id: str, edited_key: str) -> str:
+    """`published/<category>/<image_id><ext>`: one key per image, whichever run approved it."""
+    return join_key("published", category, image_id + PurePosixPath(edited_key).suffix)
+
+
+def key_for_uri(store: Store, uri: str) -> str:
+    """The store-relative key of a URI the manifest recorded with `store.uri_for`.
+
+    A local store's `file://` URIs are percent-encoded (`run=` becomes `run%3D`), S3 URIs are not;
+    round-tripping through `uri_for` picks the reading that names the same object.
+    """
+    root = store.uri.rstrip("/") + "/"
+    if not uri.startswith(root):
+        raise ValueError(f"{uri} is not inside the store {store.uri}")
+    rest = uri[len(root) :]
+    return next(k for k in (rest, unquote(rest)) if store.uri_for(k) == uri) if "%" in rest else rest
+
+
+def publish_object(store: Store, edited_key: str, target_key: str) -> str:
+    """Copy one approved output; returns "created", "unchanged" or "replaced".
+
+    Create-if-absent makes a second publish of the same item in the same run a no-op (the bytes are
+    identical, so nothing is written). A different object at the key comes from an earlier run's
+    approval of the same image: the newer approval replaces it (turn on bucket versioning to keep the
+    old bytes).
+    """
+    data = store.get_bytes(edited_key)
+    if store.create_if_absent(target_key, data):
+        return "created"
+    if store.get_bytes(target_key) == data:
+        return "unchanged"
+    store.put_bytes(target_key, data, content_type="image/png")
+    return "replaced"
+
+
+@task(retries=3, retry_delay_seconds=[1, 5, 15])
+def publish_partition(
+    store_uri: str,
+    run_id: str,
+    partition: str,
+    verdicts: Mapping[str, str],
+    reviewer: str | None,
+    reviewed_at: str,
+) -> dict[str, int]:
+    """Apply `verdicts` (image_id -> status) to one partition: copy the approved, then record all.
+
+    Rows that are no longer pending keep their recorded verdict, so replaying a decision after a
+    crash or a suspend/resume re-run changes nothing that was already written.
+    """
+    store = open_store(store_uri)
+    manifest = read_manifest(store, run_id)
+    rows = manifest[manifest["partition"].astype(str) == partition].to_dict("records")
+    when = datetime.fromisoformat(reviewed_at).astimezone(UTC)
+    counts = {"created": 0, "unchanged": 0, "replaced": 0}
+    changed = False
+    for row in rows:
+        verdict = verdicts.get(str(row["image_id"]))
+        if verdict is None or row["review_status"] != PENDING:
+            continue
+        if verdict == APPROVED:
+            edited_key = key_for_uri(store, row["output_uri"])
+            target = published_key(row["category"], str(row["image_id"]), edited_key)
+            counts[publish_object(store, edited_key, target)] += 1
+            row["published_uri"] = store.uri_for(target)
+        row["review_status"] = verdict
+        row["reviewer"] = reviewer
+        row["reviewed_at"] = when
+        changed = True
+    if changed:
+        write_manifest_partition(store, run_id, partition, rows)
+    return counts
