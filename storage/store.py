@@ -480,14 +480,16 @@ class S3Store(Store):
         root = f"{self.prefix}/" if self.prefix else ""
         paginator = self._client.get_paginator("list_objects_v2")
         pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=root + prefix))
-        while True:
-            page = self._call("list", prefix, lambda: next(pages, None))
-            if page is None:
-                return
+        found: list[ObjectInfo] = []
+        while (page := self._call("list", prefix, lambda: next(pages, None))) is not None:
             for obj in page.get("Contents", []):
                 key = obj["Key"][len(root) :]
                 if key and not key.endswith("/"):  # skip "folder" marker objects made by consoles
-                    yield ObjectInfo(key, int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
+                    found.append(ObjectInfo(key, int(obj["Size"]), str(obj.get("ETag", "")).strip('"')))
+        # AWS general-purpose buckets list in byte order, but directory buckets and some S3-compatible
+        # servers (SeaweedFS among them) do not; sorting here keeps the contract on every backend.
+        found.sort(key=lambda info: info.key)
+        return iter(found)
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self._client.generate_presigned_url(

@@ -1,0 +1,203 @@
+"""The Store contract, run on both backends, plus S3-only behaviour against a real SeaweedFS."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import pytest
+
+from storage.store import (
+    MIB,
+    AccessDeniedError,
+    InvalidKeyError,
+    LocalStore,
+    NotFoundError,
+    S3Store,
+    StoreUnavailableError,
+    open_store,
+)
+
+
+def test_put_get_roundtrip_and_overwrite(store):
+    store.put_bytes("a/b/c.bin", b"\x00\x01payload")
+    assert store.get_bytes("a/b/c.bin") == b"\x00\x01payload"
+    store.put_bytes("a/b/c.bin", b"second")
+    assert store.get_bytes("a/b/c.bin") == b"second"
+
+
+def test_missing_key_raises_not_found_naming_the_key(store):
+    with pytest.raises(NotFoundError, match="nope/x.jpg") as info:
+        store.get_bytes("nope/x.jpg")
+    assert info.value.key == "nope/x.jpg"
+
+
+def test_list_is_sorted_relative_and_prefix_filtered(store):
+    for key in ["b/2", "a-b", "a/1", "a/0", "ab", "b/10"]:
+        store.put_bytes(key, key.encode())
+    # Byte order as S3 lists it: "-" (0x2d) sorts before "/" (0x2f) before letters.
+    assert list(store.list()) == ["a-b", "a/0", "a/1", "ab", "b/10", "b/2"]
+    assert list(store.list("a/")) == ["a/0", "a/1"]
+    assert list(store.list("a")) == ["a-b", "a/0", "a/1", "ab"]
+    assert list(store.list("b/1")) == ["b/10"]
+    assert list(store.list("zzz/")) == []
+
+
+def test_list_objects_reports_sizes_and_change_tokens(store):
+    store.put_bytes("x/one", b"1")
+    store.put_bytes("x/three", b"333")
+    infos = list(store.list_objects("x/"))
+    assert [(i.key, i.size) for i in infos] == [("x/one", 1), ("x/three", 3)]
+    assert all(i.etag for i in infos)
+
+
+def test_exists_and_delete_is_idempotent(store):
+    assert not store.exists("k/v")
+    store.put_bytes("k/v", b"1")
+    assert store.exists("k/v")
+    assert not store.exists("k")  # a "folder" is not an object
+    store.delete("k/v")
+    store.delete("k/v")
+    assert not store.exists("k/v")
+    assert list(store.list()) == []
+
+
+def test_create_if_absent_only_first_writer_wins(store):
+    assert store.create_if_absent("locks/run-1", b"first") is True
+    assert store.create_if_absent("locks/run-1", b"second") is False
+    assert store.get_bytes("locks/run-1") == b"first"
+
+
+def test_create_if_absent_concurrent_callers_exactly_one_wins(store):
+    barrier = threading.Barrier(8)
+
+    def race(i: int) -> bool:
+        barrier.wait()
+        return store.create_if_absent("locks/race", f"writer-{i}".encode())
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(race, range(8)))
+    assert sum(results) == 1
+    winner = results.index(True)
+    assert store.get_bytes("locks/race") == f"writer-{winner}".encode()
+
+
+def test_presigned_url_is_readable_without_credentials(store):
+    store.put_bytes("review/img.png", b"PNGDATA", content_type="image/png")
+    url = store.presigned_url("review/img.png", expires_s=60)
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.read() == b"PNGDATA"
+
+
+def test_uri_for_reopens_to_the_same_object(store):
+    store.put_bytes("deep/er/file.txt", b"here")
+    uri = store.uri_for("deep/er/file.txt")
+    parent, name = uri.rsplit("/", 1)
+    assert open_store(parent).get_bytes(name) == b"here"
+    assert open_store(store.uri).get_bytes("deep/er/file.txt") == b"here"
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "/abs", "a\\b", "a/\x00b", "a/\nb", "", "a//b", "a/./b", "a/"])
+def test_bad_keys_are_refused_before_any_io(store, key):
+    with pytest.raises(InvalidKeyError):
+        store.put_bytes(key, b"x")
+    with pytest.raises(InvalidKeyError):
+        store.get_bytes(key)
+
+
+def test_local_store_leaves_no_temp_files_and_writes_inside_root(tmp_path):
+    store = LocalStore(tmp_path / "root")
+    store.put_bytes("a/b", b"1")
+    store.create_if_absent("a/b", b"2")
+    store.create_if_absent("a/c", b"3")
+    assert sorted(p.name for p in (tmp_path / "root" / "a").iterdir()) == ["b", "c"]
+    assert store.local_path("a/b") == tmp_path / "root" / "a" / "b"
+
+
+def test_open_store_picks_backend_from_uri(tmp_path, seaweed_s3):
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert open_store(tmp_path.as_uri()).uri == tmp_path.as_uri()
+    s3 = open_store(f"s3://{seaweed_s3.bucket}/some/prefix/")
+    assert isinstance(s3, S3Store) and s3.uri == f"s3://{seaweed_s3.bucket}/some/prefix"
+
+
+@pytest.mark.slow
+def test_listing_paginates_past_1000_keys(store):
+    keys = [f"many/{i:05d}.txt" for i in range(1100)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: store.put_bytes(k, b"x"), keys))
+    assert list(store.list("many/")) == keys
+
+
+def test_s3_multipart_upload_for_large_objects(s3_uri):
+    store = S3Store(s3_uri, multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB)
+    data = os.urandom(11 * MIB + 123)
+    store.put_bytes("big/blob.bin", data)
+    assert store.get_bytes("big/blob.bin") == data
+    (info,) = store.list_objects("big/")
+    assert info.size == len(data)
+    assert info.etag.endswith("-3"), "3 parts: 5 MiB + 5 MiB + the rest"
+
+
+def test_s3_wrong_credentials_are_rejected_clearly(seaweed_s3, s3_uri):
+    session = boto3.Session(aws_access_key_id=seaweed_s3.access_key, aws_secret_access_key="wrong-secret")
+    store = S3Store(s3_uri, session=session)
+    with pytest.raises(AccessDeniedError, match="refused the credentials"):
+        store.put_bytes("x", b"1")
+    with pytest.raises(AccessDeniedError):
+        store.exists("x")
+
+
+def test_s3_missing_bucket_is_a_clear_error(seaweed_s3):
+    store = open_store("s3://no-such-bucket-retouch/x")
+    with pytest.raises(Exception, match="does not exist"):
+        list(store.list())
+
+
+def test_s3_throttling_is_retried_until_success(fault_proxy, seaweed_s3, s3_uri):
+    proxy = fault_proxy(first_n=2, status=503, code="SlowDown")
+    store = S3Store(s3_uri, endpoint_url=proxy.endpoint_url, max_attempts=5)
+    store.put_bytes("r/obj", b"survived")
+    assert proxy.plan.faults == 2 and proxy.plan.requests == 3
+    assert store.get_bytes("r/obj") == b"survived"
+
+
+def test_s3_random_5xx_faults_are_absorbed(fault_proxy, seaweed_s3, s3_uri):
+    proxy = fault_proxy(fraction=0.3, max_faults=12, status=500, code="InternalError", seed=7)
+    store = S3Store(s3_uri, endpoint_url=proxy.endpoint_url, max_attempts=6)
+    for i in range(15):
+        store.put_bytes(f"f/{i:02d}", str(i).encode())
+    assert [store.get_bytes(f"f/{i:02d}") for i in range(15)] == [str(i).encode() for i in range(15)]
+    assert list(store.list("f/")) == [f"f/{i:02d}" for i in range(15)]
+    assert store.create_if_absent("f/lock", b"1") in (True, False)
+    assert proxy.plan.faults > 3, "the plan must actually have injected faults"
+
+
+def test_s3_gives_up_after_max_attempts_with_clear_error(fault_proxy, seaweed_s3, s3_uri):
+    proxy = fault_proxy(first_n=100, status=503, code="SlowDown")
+    store = S3Store(s3_uri, endpoint_url=proxy.endpoint_url, max_attempts=3)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match=r"503 SlowDown.*after 3 attempts"):
+        store.get_bytes("r/anything")
+    assert proxy.plan.requests == 3
+    assert time.monotonic() - started < 10
+
+
+def test_s3_unreachable_endpoint_is_a_clear_error(s3_uri):
+    store = S3Store(s3_uri, endpoint_url="http://127.0.0.1:9", max_attempts=2)
+    with pytest.raises(StoreUnavailableError, match="cannot reach"):
+        store.get_bytes("x")
+
+
+def test_local_download_file_copies(tmp_path: Path):
+    store = LocalStore(tmp_path / "root")
+    store.put_bytes("m/w.bin", b"weights")
+    store.download_file("m/w.bin", tmp_path / "out" / "w.bin")
+    assert (tmp_path / "out" / "w.bin").read_bytes() == b"weights"
+    with pytest.raises(NotFoundError):
+        store.download_file("m/none", tmp_path / "out" / "none")
