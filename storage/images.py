@@ -9,6 +9,7 @@ reason, with a stable `code` the manifest records so a bad file costs one row, n
 from __future__ import annotations
 
 import io
+import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -78,14 +79,18 @@ def decode_image(data: bytes, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     """Decode `data` fully into an upright 8-bit RGB image.
 
     The size check runs on the header, before any pixel is decompressed, so a 30000x30000 PNG costs
-    nothing. Decoding is forced to the end (`load()`), because Pillow otherwise opens lazily and a
-    truncated file would only fail later, inside a model, with no key attached.
+    nothing. Pillow's own guard (`Image.MAX_IMAGE_PIXELS`, warning then error) is turned into the same
+    error, so the effective limit is the smaller of the two. Decoding is forced to the end (`load()`),
+    because Pillow otherwise opens lazily and a truncated file would only fail later, inside a model,
+    with no key attached.
     """
     if not data:
         raise EmptyImageError(key, "zero-byte file")
     try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecompressionBombError(key, f"refused by Pillow's decompression-bomb guard: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError(key, f"not a recognised image format ({len(data)} bytes)") from exc
