@@ -19,6 +19,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
+from prefect.states import Running
 from pydantic import BaseModel, Field
 
 from storage.keys import InvalidKeyError, join_key
@@ -68,7 +69,10 @@ class ReviewDecision(RunInput):
     )
     categories: list[str] | None = Field(
         default=None,
-        description="Limit this decision to these categories; the others keep waiting. Empty: all.",
+        description=(
+            "Decide every item of these categories; items of other categories keep waiting. "
+            "Unset: all categories. Empty list: only the listed ids."
+        ),
     )
     comment: str = Field(default="", description="Free text, kept in the run's log and summary.")
 
@@ -155,7 +159,19 @@ def _wait_for_decision(
             key=key,
         )
     except FlowPauseTimeout:
+        _resume_after_timeout()
         return None
+
+
+def _resume_after_timeout() -> None:
+    """Move the timed-out run back to Running so it can record the expiry and end Completed.
+
+    The server rejects every transition out of an expired pause with Failed("never resumed"); a
+    review nobody answered is an outcome, not a failure, so the flow forces the transition.
+    """
+    ctx = FlowRunContext.get()
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(ctx.flow_run.id, Running(message="Review timed out"), force=True)
 
 
 def _apply(store_uri: str, run_id: str, partitions: list[str], outcome: str, decision: dict | None) -> dict:

@@ -74,14 +74,15 @@ def verdicts_for(
     - explicit `approve_ids` are approved even when QC flagged them (the reviewer looked);
     - `approve_all_passing` approves QC `pass` rows;
     - every other row inside the decision's scope is rejected (a decision was given for it);
-    - rows outside `categories` (when given) are not touched and stay pending for the next round.
+    - rows outside `categories` are not touched and stay pending for the next round; None means
+      every category, an empty list means only the listed ids.
     """
     pending = rows[rows["review_status"] == PENDING]
     if outcome == "timeout":
         return {str(i): EXPIRED for i in pending["image_id"]}
     if outcome != "decision":
         raise ValueError(f"unknown review outcome {outcome!r}")
-    scope = set(categories) if categories else None
+    scope = set(categories) if categories is not None else None
     approve, reject = set(approve_ids), set(reject_ids)
     verdicts: dict[str, str] = {}
     for image_id, category, qc_status in zip(

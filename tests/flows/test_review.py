@@ -1,0 +1,171 @@
+"""The review gate: verdict rules, pause/resume with a required reviewer, timeout, publishing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+import pytest
+from prefect import flow
+
+from flows.review import ReviewConfig, ReviewDecision, expire_overdue_reviews, review_and_publish
+from storage.manifest import read_manifest
+from storage.store import Store, open_store
+from tasks.publish import publish_object
+from tasks.review import verdicts_for
+from tests.flows.review_helpers import Reviewer, png, published_keys, write_run
+
+
+@flow
+def gate(store_uri: str, run_id: str, config: ReviewConfig) -> dict:
+    return review_and_publish(store_uri, run_id, config)
+
+
+def statuses(store: Store, run_id: str) -> dict[str, str]:
+    m = read_manifest(store, run_id)
+    return dict(zip(m["image_id"], m["review_status"], strict=True))
+
+
+HUMAN = ReviewConfig(policy="human", timeout_s=60, poll_interval_s=1)
+
+
+def _rows(*items: tuple[str, str, str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"image_id": i, "category": c, "qc_status": q, "review_status": "pending"} for i, c, q in items]
+    )
+
+
+def test_verdict_rules_reject_wins_errors_never_approved_scope_leaves_rest_pending() -> None:
+    rows = _rows(
+        ("a", "shoes", "pass"), ("b", "shoes", "flag"), ("c", "shoes", "error"),
+        ("d", "bags", "pass"), ("e", "bags", "pass"),
+    )
+    v = verdicts_for(
+        rows, outcome="decision", approve_all_passing=True, approve_ids=["b", "c", "e"], reject_ids=["e"],
+        categories=["shoes"],
+    )
+    # b: flagged but explicitly approved; c: error rows are never published; e: reject wins and an
+    # explicit id is decided even outside the scope; d: other category, keeps waiting.
+    assert v == {"a": "approved", "b": "approved", "c": "rejected", "e": "rejected"}
+    assert verdicts_for(rows, outcome="decision", reject_ids=["a"], categories=[]) == {"a": "rejected"}
+    assert set(verdicts_for(rows, outcome="timeout").values()) == {"expired"}
+
+
+def test_reviewer_is_required_and_not_prefilled() -> None:
+    schema = ReviewDecision.with_initial_data(description="x").model_json_schema()
+    assert "reviewer" in schema["required"] and "default" not in schema["properties"]["reviewer"]
+    with pytest.raises(ValueError, match="reviewer"):
+        ReviewDecision(reviewer="")
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_publish_object_is_create_if_absent_within_a_run_and_newer_run_replaces(
+    backend: str, tmp_path, request
+) -> None:
+    store = open_store(str(tmp_path) if backend == "local" else request.getfixturevalue("s3_uri"))
+    store.put_bytes("edited/a.png", png(1))
+    store.put_bytes("edited/b.png", png(2))
+    assert publish_object(store, "edited/a.png", "published/x/a.png") == "created"
+    assert publish_object(store, "edited/a.png", "published/x/a.png") == "unchanged"
+    assert publish_object(store, "edited/b.png", "published/x/a.png") == "replaced"
+    assert store.get_bytes("published/x/a.png") == png(2)
+    assert published_keys(store) == ["published/x/a.png"]
+
+
+def test_auto_policy_publishes_passing_only_and_rerun_is_noop(prefect_harness, tmp_path) -> None:
+    store = open_store(str(tmp_path))
+    write_run(store, "auto-1")
+    result = gate(store.uri, "auto-1", ReviewConfig(policy="auto_approve_passing"))
+    assert result["outcome"] == "decided"
+    assert result["published"] == {"created": 3, "unchanged": 0, "replaced": 0}
+    assert statuses(store, "auto-1") == {
+        "shoe-1": "approved", "shoe-2": "rejected", "shoe-3": "rejected",
+        "bag-1": "approved", "bag-2": "approved", "bag-3": "rejected",
+    }
+    assert published_keys(store) == ["published/bags/bag-1.png", "published/bags/bag-2.png",
+                                      "published/shoes/shoe-1.png"]
+    again = gate(store.uri, "auto-1", ReviewConfig(policy="auto_approve_passing"))
+    assert again["outcome"] == "nothing_pending" and again["published"] == {}
+
+
+def test_human_decision_from_another_thread_refuses_missing_reviewer_then_publishes(
+    prefect_harness, s3_uri
+) -> None:
+    store = open_store(s3_uri)
+    write_run(store, "human-1")
+    reviewer = Reviewer(
+        "human-1",
+        [
+            {"approve_all_passing": True},  # no reviewer: the server refuses, the run stays paused
+            {"reviewer": "", "approve_all_passing": True},  # empty reviewer: refused too
+            {"reviewer": "alice", "approve_all_passing": True, "approve_ids": ["shoe-2"],
+             "reject_ids": ["bag-2"], "comment": "bag-2 colour is off"},
+        ],
+    )
+    reviewer.start()
+    state = gate(s3_uri, "human-1", HUMAN, return_state=True)
+    reviewer.join(5)
+    assert state.is_completed()
+    assert [o.split(":")[0] for o in reviewer.outcomes] == ["refused", "refused", "accepted"]
+    assert "reviewer" in reviewer.outcomes[0]
+    result = state.result()
+    assert result["reviewers"] == ["alice"] and result["comments"] == ["bag-2 colour is off"]
+    assert statuses(store, "human-1") == {
+        "shoe-1": "approved", "shoe-2": "approved", "shoe-3": "rejected",
+        "bag-1": "approved", "bag-2": "rejected", "bag-3": "rejected",
+    }
+    m = read_manifest(store, "human-1").set_index("image_id")
+    assert set(m["reviewer"]) == {"alice"}
+    assert str(m["reviewed_at"].dt.tz) == "UTC"
+    assert abs(datetime.now(UTC) - m.loc["shoe-1", "reviewed_at"].to_pydatetime()) < timedelta(minutes=2)
+    assert m.loc["shoe-2", "published_uri"] == store.uri_for("published/shoes/shoe-2.png")
+    assert pd.isna(m.loc["bag-2", "published_uri"])
+    assert published_keys(store) == ["published/bags/bag-1.png", "published/shoes/shoe-1.png",
+                                      "published/shoes/shoe-2.png"]
+
+
+def test_reject_publishes_nothing_and_scoped_decisions_take_two_rounds(prefect_harness, tmp_path) -> None:
+    store = open_store(str(tmp_path))
+    write_run(store, "reject-1")
+    reviewer = Reviewer(
+        "reject-1",
+        [
+            {"reviewer": "bob", "categories": ["shoes"]},  # nothing approved: all shoes rejected
+            {"reviewer": "carol", "categories": ["bags"], "comment": "whole batch off"},
+        ],
+    )
+    reviewer.start()
+    result = gate(store.uri, "reject-1", HUMAN)
+    reviewer.join(5)
+    assert reviewer.outcomes == ["accepted", "accepted"]
+    assert result["reviewers"] == ["bob", "carol"]
+    assert result["review_status"] == {"rejected": 6}
+    assert published_keys(store) == []
+    m = read_manifest(store, "reject-1")
+    assert dict(zip(m["category"], m["reviewer"], strict=True)) == {"shoes": "bob", "bags": "carol"}
+
+
+def test_timeout_expires_everything_publishes_nothing_and_run_completes(prefect_harness, tmp_path) -> None:
+    store = open_store(str(tmp_path))
+    write_run(store, "late-1")
+    state = gate(store.uri, "late-1", ReviewConfig(timeout_s=2, poll_interval_s=1), return_state=True)
+    assert state.is_completed()
+    assert state.result()["outcome"] == "expired"
+    assert set(statuses(store, "late-1").values()) == {"expired"}
+    assert published_keys(store) == []
+    assert read_manifest(store, "late-1")["reviewer"].isna().all()
+
+
+def test_sweep_expires_runs_whose_deadline_passed_with_no_process_left(tmp_path) -> None:
+    from flows.review import gate_key
+
+    store = open_store(str(tmp_path))
+    write_run(store, "old-1")
+    write_run(store, "new-1")
+    now = datetime.now(UTC)
+    store.put_bytes(gate_key("old-1"), f'{{"deadline": "{(now - timedelta(hours=1)).isoformat()}"}}'.encode())
+    store.put_bytes(gate_key("new-1"), f'{{"deadline": "{(now + timedelta(hours=1)).isoformat()}"}}'.encode())
+    assert expire_overdue_reviews(store.uri, now) == ["old-1"]
+    assert set(statuses(store, "old-1").values()) == {"expired"}
+    assert set(statuses(store, "new-1").values()) == {"pending"}
+    assert expire_overdue_reviews(store.uri, now) == []
