@@ -73,9 +73,7 @@ class LayoutProblem:
 
 def list_categories(store: Store) -> list[str]:
     """Category names: the folders directly under `exemplars/` that contain at least one file."""
-    return sorted(
-        {key.split("/")[1] for key in store.list(EXEMPLARS_PREFIX) if key.count("/") >= 2}
-    )
+    return sorted({key.split("/")[1] for key in store.list(EXEMPLARS_PREFIX) if key.count("/") >= 2})
 
 
 def list_exemplar_pairs(store: Store, category: str) -> tuple[list[ExemplarPair], list[LayoutProblem]]:
@@ -89,16 +87,22 @@ def list_exemplar_pairs(store: Store, category: str) -> tuple[list[ExemplarPair]
     for key in store.list(base):
         parts = key[len(base) :].split("/")
         if len(parts) != 2:
-            problems.append(LayoutProblem(key, "unexpected_key", f"expected {base}<pair_id>/before|after.<ext>"))
+            problems.append(
+                LayoutProblem(key, "unexpected_key", f"expected {base}<pair_id>/before|after.<ext>")
+            )
             continue
         pair_id, name = parts
         stem, dot, ext = name.rpartition(".")
         if not dot or stem.lower() not in _HALVES:
-            problems.append(LayoutProblem(key, "unexpected_key", "only before.<ext> and after.<ext> belong here"))
+            problems.append(
+                LayoutProblem(key, "unexpected_key", "only before.<ext> and after.<ext> belong here")
+            )
             continue
         if f".{ext.lower()}" not in IMAGE_EXTENSIONS:
             problems.append(
-                LayoutProblem(key, "unsupported_extension", f"extension .{ext} is not one of {sorted(IMAGE_EXTENSIONS)}")
+                LayoutProblem(
+                    key, "unsupported_extension", f"extension .{ext} is not one of {sorted(IMAGE_EXTENSIONS)}"
+                )
             )
             continue
         halves[pair_id][stem.lower()].append(key)
@@ -111,7 +115,9 @@ def list_exemplar_pairs(store: Store, category: str) -> tuple[list[ExemplarPair]
             if not keys:
                 other = found[_HALVES[1 - _HALVES.index(half)]][0]
                 problems.append(
-                    LayoutProblem(other, MissingPairHalfError.code, f"pair {category}/{pair_id} has no {half} image")
+                    LayoutProblem(
+                        other, MissingPairHalfError.code, f"pair {category}/{pair_id} has no {half} image"
+                    )
                 )
                 bad = True
             elif len(keys) > 1:
@@ -149,7 +155,9 @@ def _validated_index(df: pd.DataFrame, where: str) -> pd.DataFrame:
     for col in CATALOGUE_INDEX_COLUMNS:
         nulls = out[col].isna()
         if nulls.any():
-            raise CatalogueIndexError(f"{where}: column {col!r} is empty in rows {list(out.index[nulls][:10])}")
+            raise CatalogueIndexError(
+                f"{where}: column {col!r} is empty in rows {list(out.index[nulls][:10])}"
+            )
         out[col] = out[col].astype(str)
     dupes = out["image_id"][out["image_id"].duplicated()]
     if len(dupes):

@@ -190,7 +190,8 @@ def _segment(name: str, value: str) -> str:
 
 def manifest_key(run_id: str, partition: str | int) -> str:
     """`manifest/run=<run_id>/part-<partition>.parquet`: Hive-style, so DuckDB/pyarrow can prune runs."""
-    return f"{MANIFEST_PREFIX}run={_segment('run_id', run_id)}/part-{_segment('partition', str(partition))}.parquet"
+    run, part = _segment("run_id", run_id), _segment("partition", str(partition))
+    return f"{MANIFEST_PREFIX}run={run}/part-{part}.parquet"
 
 
 def write_manifest_partition(

@@ -62,7 +62,9 @@ def materialise_model(uri: str, cache_dir: Path | None = None) -> Path:
             dest = tmp / key
             store.download_file(key, dest)
             if dest.stat().st_size != size:
-                raise StoreError(f"{store.uri_for(key)}: downloaded {dest.stat().st_size} bytes, listed {size}")
+                raise StoreError(
+                    f"{store.uri_for(key)}: downloaded {dest.stat().st_size} bytes, listed {size}"
+                )
         marker = {"uri": uri, "sha256_of_listing": digest, "objects": listing}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1))
         if target.exists():

@@ -62,7 +62,12 @@ def free_port(taken: set[int] | None = None) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port <= MAX_WEED_PORT and port not in taken and port + 10000 not in taken and _port_free(port + 10000):
+        if (
+            port <= MAX_WEED_PORT
+            and port not in taken
+            and port + 10000 not in taken
+            and _port_free(port + 10000)
+        ):
             taken.update({port, port + 10000})
             return port
     raise RuntimeError("no free port pair below 55535")
@@ -94,8 +99,11 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> boo
 
 def _start_weed(workdir: Path, access_key: str, secret_key: str) -> tuple[subprocess.Popen[bytes], str]:
     cfg = workdir / "s3.json"
-    identity = {"name": "admin", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    identity = {
+        "name": "admin",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
     cfg.write_text(json.dumps({"identities": [identity]}))
     taken: set[int] = set()
     ports = {name: free_port(taken) for name in ("master", "volume", "filer", "s3")}
@@ -103,10 +111,21 @@ def _start_weed(workdir: Path, access_key: str, secret_key: str) -> tuple[subpro
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [
-                _weed_binary(), "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-s3.config={cfg}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-                f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", "-webdav=false",
-                "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+                _weed_binary(),
+                "mini",
+                f"-dir={workdir / 'data'}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-s3.config={cfg}",
+                f"-master.port={ports['master']}",
+                f"-volume.port={ports['volume']}",
+                f"-filer.port={ports['filer']}",
+                f"-s3.port={ports['s3']}",
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -16,12 +16,20 @@ from urllib.parse import urlparse
 
 import pytest
 
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+}
 
 
 @dataclass
 class FaultPlan:
-    """Which requests fail: the first `first_n`, then each with probability `fraction`, at most `max_faults`."""
+    """Which requests fail: the first `first_n`, then each with chance `fraction`; never over `max_faults`."""
 
     status: int = 503
     code: str = "SlowDown"

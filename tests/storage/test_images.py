@@ -34,7 +34,9 @@ def _save(img: Image.Image, fmt: str, **kwargs) -> bytes:
 
 
 def _noise(size=(64, 48), seed=0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return Image.fromarray(
+        np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    )
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -45,7 +47,12 @@ def _bomb_png(width: int, height: int) -> bytes:
     """A valid-looking 1-bit PNG header claiming a huge size, with a tiny IDAT: costs a few bytes."""
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _exif_rotated_jpeg() -> bytes:
@@ -55,7 +62,9 @@ def _exif_rotated_jpeg() -> bytes:
     return _save(img, "JPEG", exif=exif)
 
 
-def _rgb(expected_size: tuple[int, int] | None = None, pixel: tuple[tuple[int, int], tuple, int] | None = None):
+def _rgb(
+    expected_size: tuple[int, int] | None = None, pixel: tuple[tuple[int, int], tuple, int] | None = None
+):
     """A checker: the result is RGB 8-bit, optionally of a size, optionally with a pixel near a colour."""
 
     def check(img: Image.Image) -> None:
@@ -99,12 +108,18 @@ def _corpus() -> dict[str, tuple[bytes, type[ImageError] | Callable[[Image.Image
         "gray16.png": (_save(sixteen, "PNG"), _rgb((7, 6), ((0, 0), (128, 128, 128), 1))),
         "float.tiff": (_save(floats, "TIFF"), _rgb((5, 5), ((2, 2), (128, 128, 128), 1))),
         "palette.png": (_save(palette, "PNG"), _rgb((8, 8), ((3, 3), (10, 200, 30), 0))),
-        "palette_transparent.png": (_save(palette_transparent, "PNG"), _rgb((8, 8), ((3, 3), (255, 255, 255), 0))),
+        "palette_transparent.png": (
+            _save(palette_transparent, "PNG"),
+            _rgb((8, 8), ((3, 3), (255, 255, 255), 0)),
+        ),
         "rgba_clear_corner.png": (_save(rgba, "PNG"), _rgb((10, 10), ((0, 0), (255, 255, 255), 0))),
         "rgba_opaque.png": (_save(rgba, "PNG"), _rgb((10, 10), ((5, 5), (255, 0, 0), 0))),
         "la.png": (_save(la, "PNG"), _rgb((10, 10), ((0, 0), (255, 255, 255), 0))),
         "la_opaque.png": (_save(la, "PNG"), _rgb((10, 10), ((4, 4), (40, 40, 40), 0))),
-        "gray.jpg": (_save(Image.new("L", (9, 9), 77), "JPEG", quality=100), _rgb((9, 9), ((4, 4), (77, 77, 77), 1))),
+        "gray.jpg": (
+            _save(Image.new("L", (9, 9), 77), "JPEG", quality=100),
+            _rgb((9, 9), ((4, 4), (77, 77, 77), 1)),
+        ),
         "bilevel.png": (_save(Image.new("1", (9, 9), 1), "PNG"), _rgb((9, 9), ((4, 4), (255, 255, 255), 0))),
         "exif_rotated.jpg": (_exif_rotated_jpeg(), _rgb((40, 80))),
         "good.jpg": (jpeg, _rgb((128, 96))),
@@ -135,7 +150,13 @@ def test_corpus_item_gets_its_named_error_or_right_pixels(name):
 def test_error_codes_are_the_manifest_vocabulary():
     codes = {cls.code for cls in ImageError.__subclasses__()}
     assert codes == {
-        "empty", "truncated", "not_an_image", "too_large", "unsupported", "pair_size_mismatch", "missing_pair_half"
+        "empty",
+        "truncated",
+        "not_an_image",
+        "too_large",
+        "unsupported",
+        "pair_size_mismatch",
+        "missing_pair_half",
     }
 
 
@@ -167,7 +188,9 @@ def test_encode_png_is_lossless():
     assert np.array_equal(np.asarray(decode_image(encode_png(img), "k")), np.asarray(img))
 
 
-@pytest.mark.parametrize("key", ["../outside.jpg", "exemplars/../../etc/passwd", "cat/\x1bimg.jpg", "cat/img\x7f.jpg"])
+@pytest.mark.parametrize(
+    "key", ["../outside.jpg", "exemplars/../../etc/passwd", "cat/\x1bimg.jpg", "cat/img\x7f.jpg"]
+)
 def test_path_like_and_control_char_keys_are_refused(store, key):
     with pytest.raises(InvalidKeyError, match="invalid key"):
         load_image(store, key)

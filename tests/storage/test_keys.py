@@ -9,7 +9,14 @@ from storage.keys import InvalidKeyError, join_key, validate_key, validate_prefi
 
 @pytest.mark.parametrize(
     "key",
-    ["a", "exemplars/relight/p1/before.jpg", "run=2026-11-21/part-0.parquet", "ünïcödé/ファイル.png", "a..b/c..", "x" * 1024],
+    [
+        "a",
+        "exemplars/relight/p1/before.jpg",
+        "run=2026-11-21/part-0.parquet",
+        "ünïcödé/ファイル.png",
+        "a..b/c..",
+        "x" * 1024,
+    ],
 )
 def test_valid_keys_pass_unchanged(key):
     assert validate_key(key) == key

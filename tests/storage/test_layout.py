@@ -63,8 +63,13 @@ def _build_readme_tree(store) -> list[str]:
         elif key.startswith("manifest/"):
             run_id = key.split("/")[1].removeprefix("run=")
             partition = key.rsplit("/", 1)[-1].removeprefix("part-").removesuffix(".parquet")
-            row = manifest_row(run_id=run_id, image_id="sku-1001", category="warm-studio",
-                               partition=partition, method="instructbrush")
+            row = manifest_row(
+                run_id=run_id,
+                image_id="sku-1001",
+                category="warm-studio",
+                partition=partition,
+                method="instructbrush",
+            )
             assert write_manifest_partition(store, run_id, partition, [row]) == key
         else:
             store.put_bytes(key, _image({"jpg": "JPEG", "png": "PNG"}[ext]))
@@ -86,17 +91,29 @@ def test_readme_layout_example_is_real(store):
     pairs, problems = list_exemplar_pairs(store, "warm-studio")
     assert problems == []
     assert pairs == [
-        ExemplarPair("warm-studio", "pair-001", "exemplars/warm-studio/pair-001/before.jpg",
-                     "exemplars/warm-studio/pair-001/after.jpg"),
-        ExemplarPair("warm-studio", "pair-002", "exemplars/warm-studio/pair-002/before.png",
-                     "exemplars/warm-studio/pair-002/after.png"),
+        ExemplarPair(
+            "warm-studio",
+            "pair-001",
+            "exemplars/warm-studio/pair-001/before.jpg",
+            "exemplars/warm-studio/pair-001/after.jpg",
+        ),
+        ExemplarPair(
+            "warm-studio",
+            "pair-002",
+            "exemplars/warm-studio/pair-002/before.png",
+            "exemplars/warm-studio/pair-002/after.png",
+        ),
     ]
     before, after = load_pair(store, pairs[1])
     assert before.size == after.size == (24, 16)
     index = read_catalogue_index(store)
     assert index.to_dict("list") == {
         "image_id": ["sku-1001", "sku-1002", "sku-2001"],
-        "key": ["catalogue/shoes/sku-1001.jpg", "catalogue/shoes/sku-1002.jpg", "catalogue/bags/sku-2001.png"],
+        "key": [
+            "catalogue/shoes/sku-1001.jpg",
+            "catalogue/shoes/sku-1002.jpg",
+            "catalogue/bags/sku-2001.png",
+        ],
         "category": ["warm-studio", "warm-studio", "soft-matte"],
         "partition": ["p000", "p000", "p001"],
     }
@@ -106,10 +123,18 @@ def test_readme_layout_example_is_real(store):
 
 def test_exemplar_problems_are_reported_not_raised(store):
     png = _image("PNG")
-    for key in ["exemplars/c/ok/before.png", "exemplars/c/ok/after.png", "exemplars/c/stray.txt",
-                "exemplars/c/notes/readme.md", "exemplars/c/twice/before.png", "exemplars/c/twice/before.jpg",
-                "exemplars/c/twice/after.png", "exemplars/c/raw/before.cr2", "exemplars/c/raw/after.png",
-                "exemplars/c/deep/x/before.png"]:
+    for key in [
+        "exemplars/c/ok/before.png",
+        "exemplars/c/ok/after.png",
+        "exemplars/c/stray.txt",
+        "exemplars/c/notes/readme.md",
+        "exemplars/c/twice/before.png",
+        "exemplars/c/twice/before.jpg",
+        "exemplars/c/twice/after.png",
+        "exemplars/c/raw/before.cr2",
+        "exemplars/c/raw/after.png",
+        "exemplars/c/deep/x/before.png",
+    ]:
         store.put_bytes(key, png)
     pairs, problems = list_exemplar_pairs(store, "c")
     assert [p.pair_id for p in pairs] == ["ok"]
@@ -124,8 +149,14 @@ def test_exemplar_problems_are_reported_not_raised(store):
 
 
 def test_catalogue_index_parquet_round_trip_keeps_ids_as_strings(store):
-    df = pd.DataFrame({"image_id": ["007", "008"], "key": ["catalogue/a.jpg", "catalogue/b.jpg"],
-                       "category": ["c", "c"], "partition": [0, 1]})
+    df = pd.DataFrame(
+        {
+            "image_id": ["007", "008"],
+            "key": ["catalogue/a.jpg", "catalogue/b.jpg"],
+            "category": ["c", "c"],
+            "partition": [0, 1],
+        }
+    )
     assert write_catalogue_index(store, df) == "catalogue/index.parquet"
     back = read_catalogue_index(store)
     assert back["image_id"].tolist() == ["007", "008"]
@@ -136,7 +167,10 @@ def test_catalogue_index_parquet_round_trip_keeps_ids_as_strings(store):
     ("csv", "message"),
     [
         ("image_id,key,category\n1,catalogue/a.jpg,c\n", "missing columns \\['partition'\\]"),
-        ("image_id,key,category,partition\n1,catalogue/a.jpg,c,p0\n1,catalogue/b.jpg,c,p0\n", "duplicate image_id"),
+        (
+            "image_id,key,category,partition\n1,catalogue/a.jpg,c,p0\n1,catalogue/b.jpg,c,p0\n",
+            "duplicate image_id",
+        ),
         ("image_id,key,category,partition\n1,../a.jpg,c,p0\n", "bad key"),
         ("image_id,key,category,partition\n1,catalogue/a.jpg,,p0\n", "column 'category' is empty"),
         ("image_id,key,category,partition\n1,catalogue/a.jpg,c,p/0\n", "bad partition"),

@@ -45,11 +45,35 @@ def _row(run_id="2026-11-21", partition="p000", image_id="img-1", **extra):
 
 def test_schema_has_the_documented_columns_in_order():
     assert MANIFEST_SCHEMA.names == [
-        "run_id", "image_id", "category", "partition", "source_uri", "output_uri", "method", "model_id",
-        "model_sha256", "instruction_id", "instruction_sha256", "params", "seed", "qc_ssim_structure",
-        "qc_edit_strength", "qc_direction_agreement", "qc_clipped_fraction", "qc_perceptual_distance",
-        "qc_figures", "qc_status", "review_status", "reviewer", "reviewed_at", "published_uri", "error_code",
-        "error", "timings", "duration_s", "created_at",
+        "run_id",
+        "image_id",
+        "category",
+        "partition",
+        "source_uri",
+        "output_uri",
+        "method",
+        "model_id",
+        "model_sha256",
+        "instruction_id",
+        "instruction_sha256",
+        "params",
+        "seed",
+        "qc_ssim_structure",
+        "qc_edit_strength",
+        "qc_direction_agreement",
+        "qc_clipped_fraction",
+        "qc_perceptual_distance",
+        "qc_figures",
+        "qc_status",
+        "review_status",
+        "reviewer",
+        "reviewed_at",
+        "published_uri",
+        "error_code",
+        "error",
+        "timings",
+        "duration_s",
+        "created_at",
     ]
 
 
@@ -88,8 +112,16 @@ def test_bad_rows_are_refused_with_a_clear_error(change, message):
 
 def test_partition_written_atomically_and_read_back_with_pandas(store):
     rows = [_row(image_id=f"img-{i}", seed=i) for i in range(3)]
-    rows.append(_row(image_id="img-bad", output_uri=None, qc_status="error", error_code="truncated",
-                     error="catalogue/img-bad.jpg: truncated", seed=None))
+    rows.append(
+        _row(
+            image_id="img-bad",
+            output_uri=None,
+            qc_status="error",
+            error_code="truncated",
+            error="catalogue/img-bad.jpg: truncated",
+            seed=None,
+        )
+    )
     key = write_manifest_partition(store, "2026-11-21", "p000", rows)
     assert key == "manifest/run=2026-11-21/part-p000.parquet"
     assert list(store.list("manifest/")) == [key]
@@ -127,8 +159,12 @@ def test_duckdb_reads_hive_partitions(tmp_path):
     store = LocalStore(tmp_path)
     for run in ("2026-11-20", "2026-11-21"):
         for part in ("p000", "p001"):
-            rows = [_row(run_id=run, partition=part, image_id=f"{part}-{i}",
-                         qc_status="pass" if i % 3 else "flag") for i in range(5)]
+            rows = [
+                _row(
+                    run_id=run, partition=part, image_id=f"{part}-{i}", qc_status="pass" if i % 3 else "flag"
+                )
+                for i in range(5)
+            ]
             write_manifest_partition(store, run, part, rows)
     pattern = str(tmp_path / "manifest" / "run=*" / "part-*.parquet")
     result = duckdb.sql(
@@ -136,7 +172,10 @@ def test_duckdb_reads_hive_partitions(tmp_path):
         "group by all order by all"
     ).fetchall()
     assert result == [
-        ("2026-11-20", "flag", 4), ("2026-11-20", "pass", 6), ("2026-11-21", "flag", 4), ("2026-11-21", "pass", 6),
+        ("2026-11-20", "flag", 4),
+        ("2026-11-20", "pass", 6),
+        ("2026-11-21", "flag", 4),
+        ("2026-11-21", "pass", 6),
     ]
     assert len(read_manifest(store)) == 20
 

@@ -25,8 +25,11 @@ def s3_model(s3_uri) -> str:
 
 
 def _tree(path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()
-            and p.name != COMPLETE_MARKER}
+    return {
+        p.relative_to(path).as_posix(): p.read_bytes()
+        for p in path.rglob("*")
+        if p.is_file() and p.name != COMPLETE_MARKER
+    }
 
 
 def test_local_folder_is_returned_as_is(tmp_path):

@@ -102,7 +102,9 @@ def test_uri_for_reopens_to_the_same_object(store):
     assert open_store(store.uri).get_bytes("deep/er/file.txt") == b"here"
 
 
-@pytest.mark.parametrize("key", ["../etc/passwd", "/abs", "a\\b", "a/\x00b", "a/\nb", "", "a//b", "a/./b", "a/"])
+@pytest.mark.parametrize(
+    "key", ["../etc/passwd", "/abs", "a\\b", "a/\x00b", "a/\nb", "", "a//b", "a/./b", "a/"]
+)
 def test_bad_keys_are_refused_before_any_io(store, key):
     with pytest.raises(InvalidKeyError):
         store.put_bytes(key, b"x")
