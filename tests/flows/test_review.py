@@ -37,11 +37,18 @@ def _rows(*items: tuple[str, str, str]) -> pd.DataFrame:
 
 def test_verdict_rules_reject_wins_errors_never_approved_scope_leaves_rest_pending() -> None:
     rows = _rows(
-        ("a", "shoes", "pass"), ("b", "shoes", "flag"), ("c", "shoes", "error"),
-        ("d", "bags", "pass"), ("e", "bags", "pass"),
+        ("a", "shoes", "pass"),
+        ("b", "shoes", "flag"),
+        ("c", "shoes", "error"),
+        ("d", "bags", "pass"),
+        ("e", "bags", "pass"),
     )
     v = verdicts_for(
-        rows, outcome="decision", approve_all_passing=True, approve_ids=["b", "c", "e"], reject_ids=["e"],
+        rows,
+        outcome="decision",
+        approve_all_passing=True,
+        approve_ids=["b", "c", "e"],
+        reject_ids=["e"],
         categories=["shoes"],
     )
     # b: flagged but explicitly approved; c: error rows are never published; e: reject wins and an
@@ -79,11 +86,18 @@ def test_auto_policy_publishes_passing_only_and_rerun_is_noop(prefect_harness, t
     assert result["outcome"] == "decided"
     assert result["published"] == {"created": 3, "unchanged": 0, "replaced": 0}
     assert statuses(store, "auto-1") == {
-        "shoe-1": "approved", "shoe-2": "rejected", "shoe-3": "rejected",
-        "bag-1": "approved", "bag-2": "approved", "bag-3": "rejected",
+        "shoe-1": "approved",
+        "shoe-2": "rejected",
+        "shoe-3": "rejected",
+        "bag-1": "approved",
+        "bag-2": "approved",
+        "bag-3": "rejected",
     }
-    assert published_keys(store) == ["published/bags/bag-1.png", "published/bags/bag-2.png",
-                                      "published/shoes/shoe-1.png"]
+    assert published_keys(store) == [
+        "published/bags/bag-1.png",
+        "published/bags/bag-2.png",
+        "published/shoes/shoe-1.png",
+    ]
     again = gate(store.uri, "auto-1", ReviewConfig(policy="auto_approve_passing"))
     assert again["outcome"] == "nothing_pending" and again["published"] == {}
 
@@ -98,8 +112,13 @@ def test_human_decision_from_another_thread_refuses_missing_reviewer_then_publis
         [
             {"approve_all_passing": True},  # no reviewer: the server refuses, the run stays paused
             {"reviewer": "", "approve_all_passing": True},  # empty reviewer: refused too
-            {"reviewer": "alice", "approve_all_passing": True, "approve_ids": ["shoe-2"],
-             "reject_ids": ["bag-2"], "comment": "bag-2 colour is off"},
+            {
+                "reviewer": "alice",
+                "approve_all_passing": True,
+                "approve_ids": ["shoe-2"],
+                "reject_ids": ["bag-2"],
+                "comment": "bag-2 colour is off",
+            },
         ],
     )
     reviewer.start()
@@ -111,8 +130,12 @@ def test_human_decision_from_another_thread_refuses_missing_reviewer_then_publis
     result = state.result()
     assert result["reviewers"] == ["alice"] and result["comments"] == ["bag-2 colour is off"]
     assert statuses(store, "human-1") == {
-        "shoe-1": "approved", "shoe-2": "approved", "shoe-3": "rejected",
-        "bag-1": "approved", "bag-2": "rejected", "bag-3": "rejected",
+        "shoe-1": "approved",
+        "shoe-2": "approved",
+        "shoe-3": "rejected",
+        "bag-1": "approved",
+        "bag-2": "rejected",
+        "bag-3": "rejected",
     }
     m = read_manifest(store, "human-1").set_index("image_id")
     assert set(m["reviewer"]) == {"alice"}
@@ -120,8 +143,11 @@ def test_human_decision_from_another_thread_refuses_missing_reviewer_then_publis
     assert abs(datetime.now(UTC) - m.loc["shoe-1", "reviewed_at"].to_pydatetime()) < timedelta(minutes=2)
     assert m.loc["shoe-2", "published_uri"] == store.uri_for("published/shoes/shoe-2.png")
     assert pd.isna(m.loc["bag-2", "published_uri"])
-    assert published_keys(store) == ["published/bags/bag-1.png", "published/shoes/shoe-1.png",
-                                      "published/shoes/shoe-2.png"]
+    assert published_keys(store) == [
+        "published/bags/bag-1.png",
+        "published/shoes/shoe-1.png",
+        "published/shoes/shoe-2.png",
+    ]
 
 
 def test_reject_publishes_nothing_and_scoped_decisions_take_two_rounds(prefect_harness, tmp_path) -> None:
