@@ -1,0 +1,102 @@
+"""`retouch ls` and `retouch validate`: look at a store root before a run trips over it.
+
+`validate` reports every problem at once (a missing half, a stray file, a bad index row, an image that
+will not decode) and exits non-zero, so it can gate an upload script or a CI job.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.main import app
+from storage.images import ImageError, load_image
+from storage.layout import (
+    CATALOGUE_PREFIX,
+    CatalogueIndexError,
+    LayoutProblem,
+    list_categories,
+    list_exemplar_pairs,
+    load_pair,
+    read_catalogue_index,
+)
+from storage.store import StoreError, open_store
+
+
+@app.command("ls")
+def ls_command(
+    uri: Annotated[str, typer.Argument(help="A folder, file:// URI or s3://bucket/prefix.")],
+    prefix: Annotated[str, typer.Option(help="Only keys starting with this.")] = "",
+    long: Annotated[bool, typer.Option("--long", "-l", help="Also print size and ETag.")] = False,
+) -> None:
+    """List the keys under a store root, sorted."""
+    try:
+        for info in open_store(uri).list_objects(prefix):
+            typer.echo(f"{info.size:>12}  {info.etag:<34}  {info.key}" if long else info.key)
+    except StoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("validate")
+def validate_command(
+    root: Annotated[str, typer.Argument(help="The store root holding exemplars/ and catalogue/.")],
+    decode: Annotated[
+        bool,
+        typer.Option(help="Also decode every exemplar and catalogue image (slower, catches broken files)."),
+    ] = False,
+) -> None:
+    """Check a root against the exemplar/catalogue layout (see README) and print every problem."""
+    try:
+        problems = _validate(root, decode)
+    except StoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for p in problems:
+        typer.echo(f"{p.code:<22} {p.key}: {p.reason}")
+    typer.echo(f"{len(problems)} problem(s) in {root}")
+    if problems:
+        raise typer.Exit(1)
+
+
+def _validate(root: str, decode: bool) -> list[LayoutProblem]:
+    store = open_store(root)
+    problems: list[LayoutProblem] = []
+    categories = list_categories(store)
+    if not categories:
+        problems.append(
+            LayoutProblem("exemplars/", "no_exemplars", "no exemplars/<category>/<pair_id>/ found")
+        )
+    for category in categories:
+        pairs, found = list_exemplar_pairs(store, category)
+        problems.extend(found)
+        for pair in pairs if decode else ():
+            try:
+                load_pair(store, pair)
+            except ImageError as exc:
+                problems.append(LayoutProblem(exc.key, exc.code, exc.reason))
+    try:
+        index = read_catalogue_index(store)
+    except CatalogueIndexError as exc:
+        problems.append(LayoutProblem(CATALOGUE_PREFIX, "bad_catalogue_index", str(exc)))
+        return problems
+    unknown = sorted(set(index["category"]) - set(categories))
+    if unknown:
+        problems.append(
+            LayoutProblem(
+                CATALOGUE_PREFIX, "unknown_category", f"index categories without exemplars: {unknown}"
+            )
+        )
+    present = set(store.list(CATALOGUE_PREFIX))
+    for key in index["key"]:
+        # One listing answers for keys under catalogue/; keys elsewhere cost a request each.
+        missing = key not in present if key.startswith(CATALOGUE_PREFIX) else not store.exists(key)
+        if missing:
+            problems.append(LayoutProblem(key, "missing_image", "listed in the catalogue index but absent"))
+        elif decode:
+            try:
+                load_image(store, key)
+            except ImageError as exc:
+                problems.append(LayoutProblem(exc.key, exc.code, exc.reason))
+    return problems
