@@ -6,6 +6,7 @@ test module can import prefect.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -27,8 +28,13 @@ import pytest
 if TYPE_CHECKING:
     from storage.store import Store
 
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="retouch-test-prefect-")
+_PREFECT_HOME = tempfile.mkdtemp(prefix="retouch-test-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# Never let a test run talk to a developer's real Prefect server or cloud workspace.
+for _name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
+    os.environ.pop(_name, None)
 
 TEST_BUCKET = "retouch-test"
 # weed serves gRPC on port+10000, so every HTTP port must stay below this for both to be valid.
