@@ -34,6 +34,7 @@ class FaultPlan:
     status: int = 503
     code: str = "SlowDown"
     first_n: int = 0
+    truncate_first_n_gets: int = 0
     fraction: float = 0.0
     max_faults: int = 1_000_000
     seed: int = 0
@@ -43,6 +44,15 @@ class FaultPlan:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+
+    truncated: int = 0
+
+    def should_truncate(self, method: str) -> bool:
+        """Forward a GET but cut its body short, as a connection dropped mid-download would."""
+        with self.lock:
+            cut = method == "GET" and self.truncated < self.truncate_first_n_gets
+            self.truncated += cut
+            return cut
 
     def should_fail(self) -> bool:
         with self.lock:
@@ -111,7 +121,10 @@ class FaultProxy:
                     length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
                     self.send_header("Content-Length", length or "0")
                     self.end_headers()
-                    if self.command != "HEAD":
+                    if proxy.plan.should_truncate(self.command) and len(data) > 1:
+                        self.wfile.write(data[: len(data) // 2])
+                        self.close_connection = True
+                    elif self.command != "HEAD":
                         self.wfile.write(data)
                 finally:
                     conn.close()
