@@ -1,0 +1,245 @@
+"""The machinery shared by the tuning-free text edits (DDIM+P2P, SimInversion, FPE).
+
+All three invert the photo with DDIM and then sample two rows from the inverted noise in one
+batched UNet call per step: row 0 reconstructs the photo under the source prompt, row 1 edits it
+under the target prompt, and an attention controller lets the target reuse the source's maps.
+They differ only in the guidance of each row and of the inversion, in the controller, and in
+whether the source row is pinned to the inversion trajectory; `run_text_edit` takes those as
+arguments so that each method module is a short statement of its choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from torch import Tensor
+
+from editing.attention import AttentionController, attention_control
+from editing.inversion import Inversion, ddim_invert, ddim_schedulers, guide
+
+
+@dataclass
+class TextEditResult:
+    """`images`: the edits (B, 3, h, w) in [0, 1] at the model's resolution; `reconstructions`:
+    the source row decoded (how faithfully the method retraced the photo); `params`: everything
+    needed to replay the edit (for the manifest)."""
+
+    images: Tensor
+    reconstructions: Tensor
+    inversion: Inversion
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GuidanceStep:
+    """What the sampler combined at one step; passed to `on_step` observers (tests, diagnostics).
+    Rows are `[row 0 of every image..., row 1 of every image..., ...]`."""
+
+    step_index: int
+    timestep: Tensor
+    uncond: Tensor
+    cond: Tensor
+    guided: Tensor
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> Tensor:
+    """Text embeddings (len(prompts), L, D), padded to the tokenizer's length as the UNet was trained."""
+    tokens = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(tokens)[0].to(pipe.unet.dtype)
+
+
+@torch.no_grad()
+def encode_images(
+    pipe: StableDiffusionPipeline, images: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Latents of (B, 3, h, w) images in [0, 1]: the posterior mean, or a posterior sample drawn
+    with `generator` (as diffusers' inversion pipelines do), scaled by the VAE's scaling factor."""
+    pixels = images.to(device=pipe.vae.device, dtype=pipe.vae.dtype) * 2 - 1
+    posterior = pipe.vae.encode(pixels).latent_dist
+    latents = posterior.mean if generator is None else posterior.sample(generator)
+    return latents * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(pipe: StableDiffusionPipeline, latents: Tensor) -> Tensor:
+    """(B, 3, h, w) images in [0, 1]."""
+    pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def guided_ddim_sample(
+    unet: UNet2DConditionModel,
+    scheduler_config: Mapping[str, Any],
+    noise_latents: Tensor,
+    row_embeds: list[Tensor],
+    uncond_embeds: Tensor,
+    row_scales: list[float],
+    num_inference_steps: int,
+    controller: AttentionController | None = None,
+    source_trajectory: Inversion | None = None,
+    on_step: Callable[[GuidanceStep], None] | None = None,
+) -> list[Tensor]:
+    """DDIM-sample several prompt rows from the same noise in one UNet call per step.
+
+    Each row has its own embeddings and its own guidance scale (SimInversion's disentangled
+    guidance). With `source_trajectory`, row 0 is overwritten with the inverted latent before
+    every step, so the source maps a controller copies come from the photo itself (FPE on real
+    photos), not from a reconstruction that drifts. Returns the final latents of each row.
+    """
+    if len(row_embeds) != len(row_scales):
+        raise ValueError("one guidance scale per prompt row")
+    batch, rows = noise_latents.shape[0], len(row_embeds)
+    if controller is not None and controller.num_rows != rows:
+        raise ValueError(f"controller expects {controller.num_rows} prompt rows, got {rows}")
+    sampler, _ = ddim_schedulers(scheduler_config)
+    sampler.set_timesteps(num_inference_steps, device=noise_latents.device)
+    if source_trajectory is not None and not torch.equal(
+        source_trajectory.timesteps.flip(0).cpu(), sampler.timesteps.cpu()
+    ):
+        raise ValueError("source_trajectory was inverted on other timesteps than this sampler's")
+
+    context = torch.cat(
+        [uncond_embeds.expand(batch * rows, -1, -1)] + [embeds.expand(batch, -1, -1) for embeds in row_embeds]
+    )
+    scales = torch.tensor(row_scales, dtype=noise_latents.dtype, device=noise_latents.device)
+    scales = scales.repeat_interleave(batch).view(-1, 1, 1, 1)
+    latents = noise_latents.repeat(rows, 1, 1, 1)
+
+    for step_index, t in enumerate(sampler.timesteps):
+        if source_trajectory is not None:
+            latents = torch.cat([source_trajectory.latents_before_step(step_index), latents[batch:]])
+        output = unet(torch.cat([latents, latents]), t, encoder_hidden_states=context).sample
+        if controller is not None and controller.cur_att_layer != 0:
+            raise RuntimeError("the controller did not see every attention layer of the UNet call")
+        uncond, cond = output.chunk(2)
+        guided = guide(uncond, cond, scales)
+        if on_step is not None:
+            on_step(GuidanceStep(step_index, t, uncond, cond, guided))
+        latents = sampler.step(guided, t, latents).prev_sample
+    return list(latents.split(batch))
+
+
+def _run_device(
+    pipe: StableDiffusionPipeline, device: torch.device | str | None, dtype: torch.dtype | None
+) -> None:
+    if device is not None or dtype is not None:
+        pipe.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def run_text_edit(
+    pipe: StableDiffusionPipeline,
+    *,
+    image: Tensor,
+    source_prompt: str,
+    target_prompt: str,
+    inversion_prompt: str,
+    num_inference_steps: int,
+    w_inv: float,
+    w_src: float,
+    w_tgt: float,
+    make_controller: Callable[[int], AttentionController] | None,
+    drive_source: bool,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> TextEditResult:
+    """Invert `image` (B, 3, h, w in [0, 1], the model's resolution) and sample [source, target].
+
+    `make_controller(latent_tokens)` builds a fresh controller per call, so no state leaks from
+    one edit into the next. `device`/`dtype`, when given, move the pipeline there first.
+    """
+    _run_device(pipe, device, dtype)
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
+    unet = pipe.unet
+    latents = encode_images(pipe, image, generator).to(unet.dtype)
+    uncond, source, target, inversion_embeds = encode_prompts(
+        pipe, ["", source_prompt, target_prompt, inversion_prompt]
+    ).split(1)
+    inversion = ddim_invert(
+        unet, pipe.scheduler.config, latents, inversion_embeds, uncond, num_inference_steps, w_inv
+    )
+    controller = make_controller(latents.shape[2] * latents.shape[3]) if make_controller else None
+    control = attention_control(unet, controller) if controller is not None else nullcontext()
+    with control:
+        source_latents, target_latents = guided_ddim_sample(
+            unet,
+            pipe.scheduler.config,
+            inversion.noise_latents,
+            [source, target],
+            uncond,
+            [w_src, w_tgt],
+            num_inference_steps,
+            controller=controller,
+            source_trajectory=inversion if drive_source else None,
+        )
+    return TextEditResult(
+        images=decode_latents(pipe, target_latents),
+        reconstructions=decode_latents(pipe, source_latents),
+        inversion=inversion,
+        params={
+            "source_prompt": source_prompt,
+            "target_prompt": target_prompt,
+            "inversion_prompt": inversion_prompt,
+            "num_inference_steps": num_inference_steps,
+            "w_inv": w_inv,
+            "w_src": w_src,
+            "w_tgt": w_tgt,
+            "drive_source": drive_source,
+            "controller": type(controller).__name__ if controller else None,
+        },
+    )
+
+
+@torch.no_grad()
+def regenerate(
+    pipe: StableDiffusionPipeline,
+    *,
+    image: Tensor,
+    source_prompt: str,
+    target_prompt: str,
+    num_inference_steps: int = 50,
+    w_inv: float = 1.0,
+    w_tgt: float = 7.5,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TextEditResult:
+    """The no-control baseline: invert with the source prompt, then sample the target prompt
+    alone from the inverted noise. Whatever structure survives here survives without attention
+    control, so it is what FPE's self-attention copy must beat. There is no source row, so
+    `reconstructions` is the VAE round trip of the photo."""
+    _run_device(pipe, device, dtype)
+    unet = pipe.unet
+    latents = encode_images(pipe, image, generator).to(unet.dtype)
+    uncond, source, target = encode_prompts(pipe, ["", source_prompt, target_prompt]).split(1)
+    inversion = ddim_invert(unet, pipe.scheduler.config, latents, source, uncond, num_inference_steps, w_inv)
+    (target_latents,) = guided_ddim_sample(
+        unet, pipe.scheduler.config, inversion.noise_latents, [target], uncond, [w_tgt], num_inference_steps
+    )
+    return TextEditResult(
+        images=decode_latents(pipe, target_latents),
+        reconstructions=decode_latents(pipe, latents),
+        inversion=inversion,
+        params={
+            "source_prompt": source_prompt,
+            "target_prompt": target_prompt,
+            "num_inference_steps": num_inference_steps,
+            "w_inv": w_inv,
+            "w_tgt": w_tgt,
+        },
+    )
