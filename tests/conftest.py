@@ -160,11 +160,13 @@ def seaweed_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         workdir = tmp_path_factory.mktemp("seaweed")
         (workdir / "data").mkdir()
         proc, endpoint = _start_weed(workdir, access_key, secret_key)
-        if _wait_http(endpoint, proc, timeout_s=30):
+        # Generous: on a loaded shared machine weed can take many seconds to come up.
+        if _wait_http(endpoint, proc, timeout_s=90):
             break
         _stop(proc)
     else:
-        raise RuntimeError(f"SeaweedFS did not start; see {workdir / 'weed.log'}")
+        tail = (workdir / "weed.log").read_text(errors="replace").splitlines()[-20:]
+        raise RuntimeError("SeaweedFS did not start; end of weed.log:\n" + "\n".join(tail))
     env = {
         "AWS_ACCESS_KEY_ID": access_key,
         "AWS_SECRET_ACCESS_KEY": secret_key,
@@ -191,7 +193,7 @@ def _create_bucket(bucket: str) -> None:
     import boto3
 
     client = boto3.client("s3")
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 90
     while True:
         try:
             client.create_bucket(Bucket=bucket)

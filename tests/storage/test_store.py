@@ -188,7 +188,7 @@ def test_s3_gives_up_after_max_attempts_with_clear_error(fault_proxy, seaweed_s3
     with pytest.raises(StoreUnavailableError, match=r"503 SlowDown.*after 3 attempts"):
         store.get_bytes("r/anything")
     assert proxy.plan.requests == 3
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 20  # bounded backoff, generous for a loaded machine
 
 
 def test_s3_body_cut_mid_download_is_retried(fault_proxy, s3_uri):
