@@ -1,0 +1,150 @@
+"""The typed parameters of the refresh flows: the same pydantic models are the flow signatures, the
+Prefect UI's run forms (field descriptions and bounds show up there) and `retouch refresh --config`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from editing.instruct import ApplyConfig as InstructApplyConfig
+from editing.instruct import LearnConfig as InstructLearnConfig
+from editing.quality import QCThresholds
+from flows.review import ReviewConfig
+
+
+class _Config(BaseModel):
+    # A typo in a YAML config or UI form should be an error, not a silently ignored field.
+    model_config = ConfigDict(extra="forbid")
+
+
+class LearnConfig(_Config):
+    """How an instruction is learned from a category's exemplar pairs (editing.instruct.LearnConfig).
+
+    Every field except min_pairs is part of the instruction cache key: changing one relearns every
+    category.
+    """
+
+    steps: int = Field(
+        60, ge=0, le=5000,
+        description="Optimisation steps per category. 60 keep the demo's three categories within a few "
+        "minutes on 2 CPU cores; a GPU worker can afford the method's 300.",
+    )
+    space: Literal["attention", "text"] = Field(
+        "attention", description="What is optimised: per-layer attention keys/values (InstructBrush) or "
+        "the instruction's text embedding (VISII-style baseline).",
+    )
+    lr: float = Field(5e-3, gt=0, le=1.0, description="Adam learning rate.")
+    batch_size: int = Field(4, ge=1, le=256, description="Exemplar pairs per optimisation step.")
+    time_groups: int = Field(5, ge=1, le=50, description="Time-aware K/V sets (attention space).")
+    seed: int = Field(0, ge=0, description="Seed of the optimisation (timesteps, noise, held-out split).")
+    init_instruction: str | None = Field(
+        None, description="Start from this instruction instead of searching the phrase bank (faster; "
+        "use when the retoucher can name the edit).")
+    min_pairs: int = Field(
+        2, ge=1, le=1000,
+        description="A category with fewer usable exemplar pairs is reported and not learned; its "
+        "catalogue items get error rows.",
+    )
+
+    def for_method(self) -> InstructLearnConfig:
+        return InstructLearnConfig(steps=self.steps, space=self.space, lr=self.lr, batch_size=self.batch_size,
+                                   time_groups=self.time_groups, seed=self.seed,
+                                   init_instruction=self.init_instruction, progress=False)
+
+    def cache_fields(self) -> dict:
+        """What the learned result depends on (min_pairs only decides whether to learn at all)."""
+        return self.model_dump(exclude={"min_pairs"})
+
+
+class ApplyConfig(_Config):
+    """How a learned instruction is applied to catalogue images (editing.instruct.ApplyConfig).
+    Empty fields take the model's own defaults (its edits.json)."""
+
+    num_inference_steps: int | None = Field(None, ge=1, le=200, description="Denoising steps per image.")
+    guidance_scale: float | None = Field(None, ge=0, le=30.0, description="Text (instruction) guidance scale.")
+    image_guidance_scale: float | None = Field(None, ge=0, le=10.0, description="Image guidance scale: "
+                                               "higher keeps the output closer to the source photo.")
+    batch_size: int = Field(16, ge=1, le=256, description="Images per model call; bounds memory per worker.")
+
+    def for_method(self) -> InstructApplyConfig:
+        return InstructApplyConfig(**self.model_dump(), full_resolution=True, progress=False)
+
+
+class QCConfig(_Config):
+    """Thresholds of the closed-form quality checks (editing/quality.py): fail = do not publish,
+    flag = a reviewer should look."""
+
+    fail_ssim_structure: float = Field(0.35, ge=0, le=1, description="SSIM structure term below "
+                                       "which the product's shape counts as lost (fail).")
+    flag_ssim_structure: float = Field(0.6, ge=0, le=1, description="SSIM structure term below which "
+                                       "the item is flagged.")
+    flag_direction_agreement: float = Field(0.5, ge=-1, le=1, description="Cosine between the item's "
+                                            "colour-statistics shift and the exemplars'; below: flag.")
+    flag_strength_min: float = Field(0.3, ge=0, le=100, description="Edit strength relative to the "
+                                     "exemplars below which the edit is flagged as too weak.")
+    flag_strength_max: float = Field(3.0, ge=0, le=100, description="Edit strength relative to the "
+                                     "exemplars above which the edit is flagged as too strong.")
+    flag_clipped_fraction: float = Field(0.2, ge=0, le=1, description="Fraction of newly clipped "
+                                         "pixels above which the item is flagged.")
+    fail_clipped_fraction: float = Field(0.5, ge=0, le=1, description="Fraction of newly clipped "
+                                         "pixels above which the item fails.")
+    fail_output_std: float = Field(0.01, ge=0, le=1, description="Luminance standard deviation below "
+                                   "which the output counts as flat (fail).")
+
+    def thresholds(self) -> QCThresholds:
+        return QCThresholds(**self.model_dump())
+
+
+class RefreshConfig(_Config):
+    """One catalogue refresh: where the data is, which model, and how to learn, apply, check and review."""
+
+    store_uri: str = Field(description="Root holding exemplars/ and catalogue/ (local path or s3://bucket/prefix).")
+    output_uri: str | None = Field(
+        None, description="Root for instructions/, edited/, manifest/ and runs/; empty = the input store.")
+    run_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Names the run's outputs. Empty = the flow run's scheduled start (UTC), so a retry "
+        "of the same flow run resumes into the same keys.",
+    )
+    categories: list[str] | None = Field(None, description="Only these categories; empty = all with exemplars.")
+    model_uri: str | None = Field(
+        None, description="InstructPix2Pix-format model folder (local path or s3:// prefix); empty = the "
+        "shipped tiny model.")
+    device: str = Field("cpu", description="torch device of the model step, e.g. cpu or cuda.")
+    workers: int = Field(2, ge=1, le=64, description="Partitions processed at once in this process "
+                         "(I/O and QC overlap; the model step itself runs one batch at a time).")
+    model_slot: str | None = Field(
+        None, description="Prefect global concurrency limit held around every model call (create it "
+        "with `prefect gcl create NAME --limit N`); empty = no server-side slot.")
+    gpu_work_pool: str | None = Field(
+        None, description="Run each partition as a `refresh-partition` deployment on this work pool "
+        "(GPU workers elsewhere) instead of in this process.")
+    partition_deployment: str = Field(
+        "refresh-partition/gpu", description="The deployment started per partition when gpu_work_pool is set.")
+    learn: LearnConfig = Field(default_factory=LearnConfig, description="Instruction learning.")
+    apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Applying instructions to the catalogue.")
+    qc: QCConfig = Field(default_factory=QCConfig, description="Quality-check thresholds.")
+    review: ReviewConfig = Field(default_factory=ReviewConfig, description="Review gate before publishing.")
+
+    @property
+    def outputs_uri(self) -> str:
+        return self.output_uri or self.store_uri
+
+
+class PartitionJob(_Config):
+    """Everything one partition's edit needs; small and JSON-ready, so it can travel as the parameters
+    of a `refresh-partition` run on a GPU work pool."""
+
+    store_uri: str = Field(description="Root holding the catalogue images.")
+    output_uri: str = Field(description="Root for edited images, manifest and completion markers.")
+    run_id: str = Field(description="The refresh run this partition belongs to.")
+    partition: str = Field(description="Catalogue partition name (from the index).")
+    items: list[dict] = Field(description="The partition's items: image_id, key, category.")
+    instructions: dict[str, dict] = Field(description="category -> instruction record from learn_instructions.")
+    model_uri: str | None = Field(None, description="Model folder; empty = the shipped model.")
+    device: str = Field("cpu", description="torch device of the model step.")
+    model_slot: str | None = Field(None, description="Prefect global concurrency limit around model calls.")
+    apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Applying the instructions.")
+    qc: QCConfig = Field(default_factory=QCConfig, description="Quality-check thresholds.")

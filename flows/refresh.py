@@ -1,0 +1,149 @@
+"""catalogue_refresh, the nightly entry point: ingest -> learn -> edit partitions -> report -> review
+and publish -> summary. refresh_partition is the per-partition entry for GPU work pools."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
+
+from prefect import flow, get_client, get_run_logger, task, unmapped
+from prefect.deployments import run_deployment
+from prefect.futures import wait
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.config import PartitionJob, RefreshConfig
+from flows.learn import learn_instructions
+from flows.review import review_and_publish
+from storage.store import open_store
+from tasks.edit import done_key, edit_partition
+from tasks.ingest import catalogue_partitions
+from tasks.report import report_category, write_run_summary
+
+
+@flow(name="catalogue-refresh")
+def catalogue_refresh(config: RefreshConfig) -> dict:
+    """Refresh the edited catalogue; returns the run summary (also at runs/<run_id>/summary.json)."""
+    run_id = config.run_id or scheduled_run_id()
+    get_run_logger().info("run %s: %s -> %s", run_id, config.store_uri, config.outputs_uri)
+    timings: dict[str, float] = {}
+    with stage(timings, "ingest"):
+        partitions = catalogue_partitions(config.store_uri, config.categories)
+    with stage(timings, "learn"):
+        instructions = learn_instructions(config)
+    with stage(timings, "edit"):
+        jobs = [partition_job(config, run_id, name, items, instructions) for name, items in partitions.items()]
+        edited = edit_partitions.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.workers))(
+            jobs, config.gpu_work_pool, config.partition_deployment)
+    with stage(timings, "report"):
+        categories = sorted({item["category"] for items in partitions.values() for item in items})
+        reports = report_category.map(unmapped(config.store_uri), unmapped(config.outputs_uri), unmapped(run_id),
+                                      categories, [instructions.get(c, {}) for c in categories]).result()
+    with stage(timings, "review"):
+        review = review_and_publish(config.outputs_uri, run_id, config.review)
+    summary = run_summary(config, run_id, instructions, edited, reports, review, timings)
+    write_run_summary(config.outputs_uri, run_id, summary)
+    return summary
+
+
+@flow(name="edit-partitions")
+def edit_partitions(jobs: list[PartitionJob], gpu_work_pool: str | None, deployment: str) -> list[dict]:
+    """One task per partition: in this process by default, as deployment runs on a GPU pool if set.
+
+    Every partition is waited for before a failure is raised, so one bad partition does not stop
+    the others; a re-run then only redoes the partitions without a completion marker.
+    """
+    if gpu_work_pool:
+        check_partition_deployment(deployment, gpu_work_pool)
+        futures = edit_partition_on_pool.map(jobs, unmapped(deployment))
+    else:
+        futures = edit_partition.map(jobs)
+    wait(futures)
+    summaries = [future.result() for future in futures]
+    done = sum(not s["skipped"] for s in summaries)
+    get_run_logger().info("%d partitions edited, %d already done", done, len(summaries) - done)
+    return summaries
+
+
+@flow(name="refresh-partition")
+def refresh_partition(job: PartitionJob) -> dict:
+    """Edit one partition; deployed on the GPU work pool, started per partition by catalogue_refresh."""
+    return edit_partition(job)
+
+
+@task(retries=1, retry_delay_seconds=[30])
+def edit_partition_on_pool(job: PartitionJob, deployment: str) -> dict:
+    """Run one partition as a run of the partition deployment and wait for it; returns its summary."""
+    run = run_deployment(deployment, parameters={"job": job.model_dump(mode="json")}, timeout=None,
+                         tags=[f"run:{job.run_id}"])
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"partition {job.partition}: flow run {run.name} ended {run.state_name}")
+    marker = json.loads(open_store(job.output_uri).get_bytes(done_key(job.run_id, job.partition)))
+    return {**marker, "skipped": False}
+
+
+def check_partition_deployment(deployment: str, work_pool: str) -> None:
+    """Refuse to fan out to a deployment that would run on another pool than the one configured."""
+    with get_client(sync_client=True) as client:
+        found = client.read_deployment_by_name(deployment)
+    if found.work_pool_name != work_pool:
+        raise ValueError(f"deployment {deployment} runs on pool {found.work_pool_name!r}, "
+                         f"config says gpu_work_pool={work_pool!r}")
+
+
+def partition_job(config: RefreshConfig, run_id: str, partition: str, items: list[dict],
+                  instructions: dict[str, dict]) -> PartitionJob:
+    """The partition's work order, carrying only the instructions its categories need."""
+    needed = {item["category"] for item in items}
+    return PartitionJob(
+        store_uri=config.store_uri, output_uri=config.outputs_uri, run_id=run_id, partition=partition,
+        items=items, instructions={c: r for c, r in instructions.items() if c in needed},
+        model_uri=config.model_uri, device=config.device, model_slot=config.model_slot,
+        apply=config.apply, qc=config.qc,
+    )
+
+
+def scheduled_run_id() -> str:
+    """The flow run's scheduled start in UTC: a retry of the same flow run resumes the same keys."""
+    return flow_run.scheduled_start_time.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+@contextmanager
+def stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    timings[name] = round(time.monotonic() - started, 2)
+
+
+def run_summary(config: RefreshConfig, run_id: str, instructions: dict, edited: list[dict], reports: list[dict],
+                review: dict, timings: dict[str, float]) -> dict:
+    """Counts, QC distribution, instruction provenance and timings of the run."""
+    out = open_store(config.outputs_uri)
+    return {
+        "run_id": run_id,
+        "store_uri": config.store_uri,
+        "output_uri": config.outputs_uri,
+        "edited_uri": out.uri_for(f"edited/run={run_id}"),
+        "manifest_uri": out.uri_for(f"manifest/run={run_id}"),
+        "categories": {
+            r["category"]: {**r, "instruction": instruction_note(instructions.get(r["category"]))} for r in reports
+        },
+        "partitions": {"total": len(edited), "done": sum(not s["skipped"] for s in edited),
+                       "skipped": sum(s["skipped"] for s in edited)},
+        "instructions": {"learned": sum(bool(r.get("learned")) for r in instructions.values()),
+                         "reused": sum(r.get("status") == "ok" and not r.get("learned") for r in instructions.values()),
+                         "not_learned": sum(r.get("status") != "ok" for r in instructions.values())},
+        "review": review,
+        "timings_s": {**timings, "total": round(sum(timings.values()), 2)},
+    }
+
+
+def instruction_note(record: dict | None) -> str:
+    if record is None:
+        return "none: no exemplars"
+    if record.get("status") != "ok":
+        return f"none: {record['reason']}"
+    return "learned" if record["learned"] else "reused (cache hit)"

@@ -1,0 +1,157 @@
+"""Edit one catalogue partition: load, apply the category's instruction, check, write, record.
+
+One task per partition keeps the fan-out coarse. Keys and seeds are deterministic in (run, item,
+category), the manifest partition is written after every output and the completion marker last, so
+a partition interrupted anywhere is simply redone into the same keys, and a finished one is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from itertools import groupby
+
+from PIL import Image
+from prefect import get_run_logger, task
+
+from editing.instruct import apply_instruction, load_instruction
+from editing.quality import assess
+from editing.seeds import item_seed
+from flows.config import PartitionJob
+from storage.images import ImageError, encode_png, load_image
+from storage.keys import join_key
+from storage.manifest import manifest_row, write_manifest_partition
+from storage.store import NotFoundError, Store, open_store
+from tasks.models import cached_model, model_step
+
+METHOD = "instructbrush"
+_INSTRUCTIONS: dict[tuple[str, str], object] = {}
+
+
+def done_key(run_id: str, partition: str) -> str:
+    return join_key("edited", f"run={run_id}", "_done", f"{partition}.json")
+
+
+def output_key(run_id: str, category: str, partition: str, image_id: str) -> str:
+    return join_key("edited", f"run={run_id}", category, partition, f"{image_id}.png")
+
+
+@task(retries=1, retry_delay_seconds=[10])
+def edit_partition(job: PartitionJob) -> dict:
+    """Edit every item of the partition (or skip it if a previous attempt finished); returns its summary."""
+    out = open_store(job.output_uri)
+    marker = done_key(job.run_id, job.partition)
+    if out.exists(marker):
+        return {**json.loads(out.get_bytes(marker)), "skipped": True}
+    started = time.monotonic()
+    rows = []
+    for category, items in groupby(sorted(job.items, key=lambda i: i["category"]), key=lambda i: i["category"]):
+        rows += edit_category(job, category, list(items))
+    write_manifest_partition(out, job.run_id, job.partition, rows)
+    summary = partition_summary(job.partition, rows, time.monotonic() - started)
+    out.put_bytes(marker, json.dumps(summary, sort_keys=True).encode(), content_type="application/json")
+    get_run_logger().info("partition %s: %d items, QC %s, %.1f s", job.partition, summary["items"],
+                          summary["qc_status"], summary["duration_s"])
+    return {**summary, "skipped": False}
+
+
+def partition_summary(partition: str, rows: list[dict], duration_s: float) -> dict:
+    qc = Counter(row["qc_status"] for row in rows)
+    return {"partition": partition, "items": len(rows), "qc_status": dict(sorted(qc.items())),
+            "by_category": dict(sorted(Counter(row["category"] for row in rows).items())),
+            "duration_s": round(duration_s, 3)}
+
+
+def edit_category(job: PartitionJob, category: str, items: list[dict]) -> list[dict]:
+    """Manifest rows of one category's items in this partition; a bad image costs one error row."""
+    record = job.instructions.get(category)
+    if record is None or record.get("status") != "ok":
+        reason = (record or {}).get("reason", f"no exemplars for category {category!r}")
+        return [error_row(job, item, "no_instruction", reason) for item in items]
+    store, out = open_store(job.store_uri), open_store(job.output_uri)
+    model = cached_model(job.model_uri, job.device)
+    instruction = cached_instruction(out, record, model)
+    rows, sources = [], []
+    for item in items:
+        started = time.monotonic()
+        try:
+            sources.append((item, load_image(store, item["key"]), time.monotonic() - started))
+        except ImageError as exc:
+            rows.append(error_row(job, item, exc.code, str(exc)))
+        except NotFoundError as exc:
+            rows.append(error_row(job, item, "not_found", str(exc)))
+    for start in range(0, len(sources), job.apply.batch_size):
+        batch = sources[start : start + job.apply.batch_size]
+        seeds = [item_seed(job.run_id, item["image_id"], category) for item, _, _ in batch]
+        started = time.monotonic()
+        with model_step(job.model_slot):
+            outputs = apply_instruction(model, instruction, [img for _, img, _ in batch],
+                                        job.apply.for_method(), seeds)
+        model_s = (time.monotonic() - started) / len(batch)
+        for (item, source, load_s), output, seed in zip(batch, outputs, seeds, strict=True):
+            rows.append(finish_item(job, store, out, model, record, item, source, output, seed,
+                                    {"load_s": load_s, "model_s": model_s}))
+    return rows
+
+
+def finish_item(
+    job: PartitionJob, store: Store, out: Store, model, record: dict, item: dict, source: Image.Image,
+    output: Image.Image, seed: int, timings: dict,
+) -> dict:
+    """Write the output, run QC and build the item's manifest row."""
+    started = time.monotonic()
+    key = output_key(job.run_id, item["category"], job.partition, item["image_id"])
+    out.put_bytes(key, encode_png(output), content_type="image/png")
+    timings["write_s"] = time.monotonic() - started
+    started = time.monotonic()
+    qc = assess(source, output, record["reference_shift"], job.qc.thresholds())
+    timings["qc_s"] = time.monotonic() - started
+    return manifest_row(
+        **_identity(job, item), source_uri=store.uri_for(item["key"]), output_uri=out.uri_for(key),
+        model_id=model.model_id, model_sha256=model.sha256, instruction_id=record["cache_key"],
+        instruction_sha256=record["sha256"], params=_params(job), seed=seed,
+        qc_ssim_structure=_finite(qc.ssim_structure), qc_edit_strength=_finite(qc.edit_strength),
+        qc_direction_agreement=_finite(qc.direction_agreement),
+        qc_clipped_fraction=_finite(qc.clipped_fraction), qc_figures=_json_safe(qc.figures()),
+        qc_status=qc.status, timings={k: round(v, 4) for k, v in timings.items()},
+        duration_s=round(sum(timings.values()), 4),
+    )
+
+
+def error_row(job: PartitionJob, item: dict, code: str, message: str) -> dict:
+    """The row of an item that could not be edited; the rest of the partition goes on."""
+    get_run_logger().warning("%s (%s): %s", item["image_id"], code, message)
+    store = open_store(job.store_uri)
+    return manifest_row(**_identity(job, item), source_uri=store.uri_for(item["key"]), params=_params(job),
+                        seed=item_seed(job.run_id, item["image_id"], item["category"]),
+                        qc_status="error", error_code=code, error=message)
+
+
+def cached_instruction(out: Store, record: dict, model) -> object:
+    """The instruction for this model, loaded once per process (partitions share categories)."""
+    key = (record["sha256"], model.sha256)
+    if key not in _INSTRUCTIONS:
+        metadata = json.loads(out.get_bytes(record["metadata_key"]))
+        _INSTRUCTIONS[key] = load_instruction(out.get_bytes(record["weights_key"]), metadata, model)
+    return _INSTRUCTIONS[key]
+
+
+def _identity(job: PartitionJob, item: dict) -> dict:
+    return {"run_id": job.run_id, "image_id": item["image_id"], "category": item["category"],
+            "partition": job.partition, "method": METHOD, "created_at": datetime.now(UTC)}
+
+
+def _params(job: PartitionJob) -> dict:
+    return {"apply": job.apply.model_dump(), "qc": job.qc.model_dump()}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _json_safe(figures: dict) -> dict:
+    """NaN is not JSON; the manifest records an undefined figure as null."""
+    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in figures.items()}

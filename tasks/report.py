@@ -1,0 +1,126 @@
+"""What the data team and the reviewer see: per-category contact sheets and Prefect artifacts with
+stable keys (so the UI shows each category's history), and the run summary in the store."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from PIL import Image, ImageDraw
+from prefect import task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+
+from flows.review import contact_sheet_key
+from storage.images import encode_png, load_image
+from storage.keys import join_key
+from storage.manifest import read_manifest
+from storage.store import Store, open_store
+from tasks.publish import key_for_uri
+
+SHEET_ITEMS = 8
+THUMB = 160
+TABLE_ROWS = 500
+QC_COLUMNS = ["image_id", "partition", "qc_status", "qc_ssim_structure", "qc_edit_strength",
+              "qc_direction_agreement", "qc_clipped_fraction", "error_code"]
+
+
+def artifact_key(*parts: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return "-".join("".join(c if c.isalnum() else "-" for c in part.lower()) for part in parts)
+
+
+def summary_key(run_id: str) -> str:
+    return join_key("runs", run_id, "summary.json")
+
+
+def contact_sheet(store: Store, out: Store, rows: pd.DataFrame) -> Image.Image:
+    """Before | after thumbnails, one item per line, for a reviewer's first look at a category."""
+    sheet = Image.new("RGB", (2 * THUMB + 12, len(rows) * (THUMB + 18) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    for line, row in enumerate(rows.itertuples()):
+        top = line * (THUMB + 18) + 4
+        draw.text((4, top), f"{row.image_id}  QC {row.qc_status}", fill="black")
+        for column, (where, uri) in enumerate(((store, row.source_uri), (out, row.output_uri))):
+            thumb = load_image(where, key_for_uri(where, uri))
+            thumb.thumbnail((THUMB, THUMB))
+            sheet.paste(thumb, (4 + column * (THUMB + 4), top + 14))
+    return sheet
+
+
+@task(retries=2, retry_delay_seconds=[2, 10])
+def report_category(store_uri: str, output_uri: str, run_id: str, category: str, instruction: dict) -> dict:
+    """Contact sheet, QC table and summary artifacts of one category; returns its QC counts."""
+    store, out = open_store(store_uri), open_store(output_uri)
+    manifest = read_manifest(out, run_id)
+    rows = manifest[manifest["category"] == category].sort_values("image_id")
+    counts = {str(k): int(v) for k, v in rows["qc_status"].value_counts().sort_index().items()}
+    edited = rows[rows["output_uri"].notna()]
+    sheet_url = None
+    if len(edited):
+        key = contact_sheet_key(run_id, category)
+        out.put_bytes(key, encode_png(contact_sheet(store, out, edited.head(SHEET_ITEMS))), content_type="image/png")
+        sheet_url = out.presigned_url(key, expires_s=7 * 24 * 3600)
+        create_image_artifact(image_url=sheet_url, key=artifact_key("contact-sheet", category),
+                              description=f"{category}: before | after, first {SHEET_ITEMS} items of run {run_id}")
+    table = rows[QC_COLUMNS].head(TABLE_ROWS).astype(object).where(rows[QC_COLUMNS].head(TABLE_ROWS).notna(), None)
+    create_table_artifact(table=table.to_dict("records"), key=artifact_key("qc", category),
+                          description=f"{category}: QC figures of run {run_id}")
+    create_markdown_artifact(markdown=category_markdown(category, run_id, counts, edited, instruction, sheet_url),
+                             key=artifact_key("summary", category), description=f"{category}: run {run_id}")
+    return {"category": category, "items": len(rows), "qc_status": counts, "contact_sheet": sheet_url}
+
+
+def category_markdown(category: str, run_id: str, counts: dict, edited: pd.DataFrame, instruction: dict,
+                      sheet_url: str | None) -> str:
+    means = edited[["qc_ssim_structure", "qc_edit_strength", "qc_direction_agreement"]].mean()
+    source = "learned this run" if instruction.get("learned") else "reused from cache"
+    lines = [
+        f"# {category} (run `{run_id}`)", "",
+        f"- instruction: `{instruction.get('cache_key', '-')[:12]}` ({source}, {instruction.get('pairs', 0)} pairs)"
+        if instruction.get("status") == "ok" else f"- instruction: none ({instruction.get('reason', 'no exemplars')})",
+        "- QC: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+        f"- mean SSIM structure {means.iloc[0]:.3f}, edit strength {means.iloc[1]:.2f}, "
+        f"direction agreement {means.iloc[2]:.2f}" if len(edited) else "- nothing edited",
+    ]
+    if sheet_url:
+        lines.append(f"- [contact sheet]({sheet_url})")
+    return "\n".join(lines) + "\n"
+
+
+@task(retries=2, retry_delay_seconds=[2, 10])
+def write_run_summary(output_uri: str, run_id: str, summary: dict) -> str:
+    """`runs/<run_id>/summary.json` plus the run's markdown artifact; returns the summary's URI."""
+    out = open_store(output_uri)
+    key = summary_key(run_id)
+    out.put_bytes(key, json.dumps(summary, indent=2, sort_keys=True, default=str).encode(),
+                  content_type="application/json")
+    create_markdown_artifact(markdown=run_markdown(summary), key="run-summary",
+                             description=f"catalogue refresh {run_id}")
+    return out.uri_for(key)
+
+
+def run_markdown(summary: dict) -> str:
+    lines = [f"# Catalogue refresh `{summary['run_id']}`", "",
+             "| category | items | pass | flag | fail | error | instruction |", "|---|---:|---:|---:|---:|---:|---|"]
+    for category, info in sorted(summary["categories"].items()):
+        qc = info["qc_status"]
+        lines.append(f"| {category} | {info['items']} | " + " | ".join(str(qc.get(s, 0)) for s in
+                     ("pass", "flag", "fail", "error")) + f" | {info['instruction']} |")
+    parts, review = summary["partitions"], summary["review"]
+    lines += [
+        "",
+        f"Partitions: {parts['done']} edited, {parts['skipped']} already done.",
+        f"Review: {review.get('outcome')}, statuses {review.get('review_status')}.",
+        f"Timings (s): {summary['timings_s']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@task
+def report_exemplar_problems(exemplars: list[dict]) -> int:
+    """One table of every pair left out of learning, so the retoucher can fix them; returns the count."""
+    problems = [{"category": e["category"], **p} for e in exemplars for p in e["problems"]]
+    if problems:
+        create_table_artifact(table=problems, key="exemplar-problems",
+                              description="Exemplar pairs left out of learning, and why")
+    return len(problems)
