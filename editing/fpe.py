@@ -28,7 +28,7 @@ def fpe_edit(
     w_tgt: float = 7.5,
     self_replace_steps: float = 0.8,
     self_layers: SelfLayerSelection | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> TextEditResult:

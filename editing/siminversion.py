@@ -38,7 +38,7 @@ def siminversion_edit(
     w_tgt: float = 7.5,
     cross_replace_steps: float = 0.4,
     self_replace_steps: float = 0.6,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> TextEditResult:

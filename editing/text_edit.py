@@ -38,10 +38,11 @@ class TextEditResult:
 @dataclass
 class GuidanceStep:
     """What the sampler combined at one step; passed to `on_step` observers (tests, diagnostics).
-    Rows are `[row 0 of every image..., row 1 of every image..., ...]`."""
+    `latents` is what the UNet saw; rows are `[row 0 of every image..., row 1 of every image...]`."""
 
     step_index: int
     timestep: Tensor
+    latents: Tensor
     uncond: Tensor
     cond: Tensor
     guided: Tensor
@@ -62,7 +63,9 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> Tensor:
 
 @torch.no_grad()
 def encode_images(
-    pipe: StableDiffusionPipeline, images: Tensor, generator: torch.Generator | None = None
+    pipe: StableDiffusionPipeline,
+    images: Tensor,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> Tensor:
     """Latents of (B, 3, h, w) images in [0, 1]: the posterior mean, or a posterior sample drawn
     with `generator` (as diffusers' inversion pipelines do), scaled by the VAE's scaling factor."""
@@ -127,7 +130,7 @@ def guided_ddim_sample(
         uncond, cond = output.chunk(2)
         guided = guide(uncond, cond, scales)
         if on_step is not None:
-            on_step(GuidanceStep(step_index, t, uncond, cond, guided))
+            on_step(GuidanceStep(step_index, t, latents, uncond, cond, guided))
         latents = sampler.step(guided, t, latents).prev_sample
     return list(latents.split(batch))
 
@@ -153,7 +156,7 @@ def run_text_edit(
     w_tgt: float,
     make_controller: Callable[[int], AttentionController] | None,
     drive_source: bool,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> TextEditResult:
@@ -215,7 +218,7 @@ def regenerate(
     num_inference_steps: int = 50,
     w_inv: float = 1.0,
     w_tgt: float = 7.5,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> TextEditResult:
