@@ -19,6 +19,8 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
+from prefect.input.actions import read_flow_run_input
+from prefect.input.run_input import keyset_from_base_key
 from prefect.states import Running
 from pydantic import BaseModel, Field
 
@@ -163,6 +165,19 @@ def _wait_for_decision(
         return None
 
 
+def _stored_decision(round_no: int) -> ReviewDecision | None:
+    """The decision a round already received, for a run re-executed after its deadline.
+
+    A suspended run resumed just before the deadline may start again after it; the reviewer's answer
+    is stored under the round's key and must win over expiry.
+    """
+    for state_name in ("suspended", "paused"):
+        value = read_flow_run_input(keyset_from_base_key(f"{state_name}-review-{round_no}")["response"])
+        if value:
+            return ReviewDecision(**value)
+    return None
+
+
 def _resume_after_timeout() -> None:
     """Move the timed-out run back to Running so it can record the expiry and end Completed.
 
@@ -230,7 +245,10 @@ def review_and_publish(store_uri: str, run_id: str, config: ReviewConfig) -> dic
             remaining = int((deadline - datetime.now(UTC)).total_seconds())
             description = describe(store_uri, run_id, summary, deadline=deadline)
             create_markdown_artifact(markdown=description, key=_artifact_key(run_id), description="Review")
-            decision = _wait_for_decision(round_no, description, config, remaining) if remaining > 0 else None
+            if remaining > 0:
+                decision = _wait_for_decision(round_no, description, config, remaining)
+            else:
+                decision = _stored_decision(round_no)
             if decision is None:
                 logger.warning("run %s: review timed out; %d items expire", run_id, summary["total"])
                 _apply(store_uri, run_id, summary["partitions"], "timeout", None)
