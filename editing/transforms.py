@@ -114,33 +114,41 @@ EDITS: dict[str, Edit] = {
     "warm": Edit(warm, ["make it warmer", "add a warm tone", "warm up the colors"], "a warm photo"),
     "cool": Edit(cool, ["make it cooler", "add a cool blue tone", "cool down the colors"], "a cool photo"),
     "saturate": Edit(
-        saturate, ["make the colors more vivid", "increase the saturation", "boost the colors"],
+        saturate,
+        ["make the colors more vivid", "increase the saturation", "boost the colors"],
         "a vivid photo",
     ),
     "desaturate": Edit(
-        desaturate, ["mute the colors", "reduce the saturation", "make the colors more subtle"],
+        desaturate,
+        ["mute the colors", "reduce the saturation", "make the colors more subtle"],
         "a muted photo",
     ),
     "grayscale": Edit(
-        grayscale, ["make it black and white", "convert to grayscale", "remove all color"],
+        grayscale,
+        ["make it black and white", "convert to grayscale", "remove all color"],
         "a black and white photo",
     ),
-    "sepia": Edit(sepia, ["make it sepia", "give it a sepia tone", "make it look like an old photo"],
-                  "a sepia photo"),
-    "brighten": Edit(brighten, ["make it brighter", "brighten the image", "lift the shadows"],
-                     "a bright photo"),
+    "sepia": Edit(
+        sepia, ["make it sepia", "give it a sepia tone", "make it look like an old photo"], "a sepia photo"
+    ),
+    "brighten": Edit(
+        brighten, ["make it brighter", "brighten the image", "lift the shadows"], "a bright photo"
+    ),
     "darken": Edit(darken, ["make it darker", "darken the image", "lower the exposure"], "a dark photo"),
     "increase_contrast": Edit(
-        increase_contrast, ["increase the contrast", "add more contrast", "make it punchier"],
+        increase_contrast,
+        ["increase the contrast", "add more contrast", "make it punchier"],
         "a high contrast photo",
     ),
     "decrease_contrast": Edit(
-        decrease_contrast, ["reduce the contrast", "make it look faded", "flatten the contrast"],
+        decrease_contrast,
+        ["reduce the contrast", "make it look faded", "flatten the contrast"],
         "a low contrast photo",
     ),
     "blur": Edit(blur, ["blur the image", "make it blurry", "soften the focus"], "a blurry photo"),
-    "vignette": Edit(vignette, ["add a vignette", "darken the corners", "add a dark vignette"],
-                     "a photo with a vignette"),
+    "vignette": Edit(
+        vignette, ["add a vignette", "darken the corners", "add a dark vignette"], "a photo with a vignette"
+    ),
 }
 
 
