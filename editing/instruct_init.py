@@ -80,8 +80,10 @@ class InitConfig(BaseModel):
     phrases: list[str] | None = Field(
         None, description="candidate phrases; None = the shipped bank plus the model's own phrasings"
     )
-    score_timesteps: tuple[int, ...] = Field((300, 600, 900), description="fixed timesteps for scoring")
-    max_score_pairs: int = Field(8, ge=1, description="pairs used for scoring (cost grows linearly)")
+    score_timesteps: tuple[int, ...] = Field(
+        (500, 800), description="fixed timesteps for scoring; the instruction matters most at high t"
+    )
+    max_score_pairs: int = Field(5, ge=1, description="pairs used for scoring (cost grows linearly)")
     rows_per_batch: int = Field(96, ge=1, description="UNet rows per scoring forward pass")
     seed: int = Field(0, description="seed of the fixed scoring noise")
 

@@ -1,0 +1,193 @@
+"""`retouch learn` and `retouch apply`: learn one instruction per category (InstructBrush), apply it.
+
+An instruction is stored as `<name>.safetensors` plus a `<name>.json` sidecar with its metadata
+(both are needed; the JSON carries the content hash and the model binding). Inputs and outputs are
+local folders or s3:// prefixes. Both commands report bad inputs and go on, and end with one JSON
+line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from cli.common import BatchReport, batched, image_keys, output_key_for
+from cli.main import app
+
+
+class Space(str, Enum):
+    attention = "attention"
+    text = "text"
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/dir/name.safetensors` -> (`s3://bucket/dir`, `name.safetensors`)."""
+    root, _, key = uri.rstrip("/").rpartition("/")
+    if not root or root.endswith(":/"):
+        raise typer.BadParameter(f"{uri}: give a folder or a path ending in <name>.safetensors")
+    return root, key
+
+
+def _artifact_location(output: str, category: str) -> tuple[str, str]:
+    """(store root, key of the .safetensors): a `.safetensors` URI as given, else `<category>.safetensors`
+    inside the folder `output`."""
+    if output.endswith(".safetensors"):
+        return _split_uri(output)
+    return output, f"{category}.safetensors"
+
+
+def _sidecar(key: str) -> str:
+    return key.removesuffix(".safetensors") + ".json"
+
+
+def _load_model(model: str | None, device: str):
+    from editing.models import load_model
+    from storage.model_cache import materialise_model
+
+    return load_model(materialise_model(model) if model else None, kind="ip2p", device=device)
+
+
+@app.command("learn")
+def learn_command(
+    root_uri: Annotated[str, typer.Argument(help="Folder or s3:// prefix holding exemplars/<category>/...")],
+    category: Annotated[str, typer.Option(help="Category (folder under exemplars/) to learn.")],
+    output: Annotated[
+        str, typer.Option(help="<name>.safetensors URI, or a folder (then <category>.safetensors).")
+    ],
+    steps: Annotated[int | None, typer.Option(min=0, help="Optimisation steps (default: LearnConfig).")] = None,
+    space: Annotated[Space, typer.Option(help="Optimise attention K/V or the text embedding.")] = Space.attention,
+    seed: Annotated[int, typer.Option(help="Learning seed.")] = 0,
+    init_instruction: Annotated[
+        str | None, typer.Option(help="Start from this instruction instead of searching the phrase bank.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="ip2p model folder or s3:// prefix (default: the shipped model).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Learn the instruction of one category from its before/after exemplar pairs."""
+    from editing.instruct import InstructionPair, LearnConfig, learn_instruction, save_instruction
+    from storage.images import ImageError
+    from storage.layout import list_exemplar_pairs, load_pair
+    from storage.store import StoreError, open_store
+
+    store = open_store(root_uri)
+    listed, problems = list_exemplar_pairs(store, category)
+    report = BatchReport(command="learn")
+    for problem in problems:
+        report.fail(problem.key, f"{problem.code}: {problem.reason}")
+    pairs: list[InstructionPair] = []
+    for pair in listed:
+        try:
+            before, after = load_pair(store, pair)
+            digest = hashlib.sha256()
+            for key in (pair.before_key, pair.after_key):
+                digest.update(hashlib.sha256(store.get_bytes(key)).digest())
+        except ImageError as exc:
+            report.fail(exc.key, f"{exc.code}: {exc}")
+            continue
+        except StoreError as exc:
+            report.fail(pair.before_key, f"unreadable: {exc}")
+            continue
+        pairs.append(InstructionPair(pair.pair_id, before, after, digest.hexdigest()))
+    if not pairs:
+        report.extra["error"] = f"no usable exemplar pairs for category {category!r}"
+        report.emit()
+        raise typer.Exit(code=1)
+    typer.echo(f"learn {category}: {len(pairs)} pairs", err=True)
+
+    loaded = _load_model(model, device)
+    settings = {"space": space.value, "seed": seed, "init_instruction": init_instruction}
+    if steps is not None:
+        settings["steps"] = steps
+    instruction = learn_instruction(loaded, pairs, LearnConfig(**settings), category=category)
+    data, metadata = save_instruction(instruction)
+    root, key = _artifact_location(output, category)
+    destination = open_store(root)
+    destination.put_bytes(key, data, content_type="application/octet-stream")
+    destination.put_bytes(_sidecar(key), json.dumps(metadata, indent=1).encode(), content_type="application/json")
+    report.written.extend([destination.uri_for(key), destination.uri_for(_sidecar(key))])
+    report.extra.update(
+        category=category, space=space.value, pairs=len(pairs), instruction=instruction.instruction,
+        instruction_sha256=instruction.sha256, model_id=loaded.model_id, model_sha256=loaded.sha256,
+        steps=metadata["steps"], best_loss=metadata["best_loss"], best_step=metadata["best_step"],
+        wall_time_s=metadata["wall_time_s"],
+    )
+    report.emit()
+
+
+@app.command("apply")
+def apply_command(
+    instruction_uri: Annotated[str, typer.Argument(help="<name>.safetensors of a learned instruction.")],
+    images_uri: Annotated[str, typer.Argument(help="Folder or s3:// prefix of photos.")],
+    output: Annotated[str, typer.Option(help="Folder or s3:// prefix for the edited PNGs.")],
+    run_id: Annotated[str, typer.Option(help="Run id; each photo's seed derives from (run, photo, category).")] = "apply",
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Text guidance (default: the model's).")] = None,
+    image_guidance_scale: Annotated[float | None, typer.Option(help="Image guidance (default: the model's).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Photos per batched UNet call.")] = 16,
+    model: Annotated[
+        str | None, typer.Option(help="ip2p model folder or s3:// prefix (default: the shipped model).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Apply a learned instruction to every photo under IMAGES_URI; one PNG per input, same size."""
+    from editing.instruct import (
+        ApplyConfig,
+        InstructionIntegrityError,
+        InstructionModelMismatch,
+        apply_instruction,
+        load_instruction,
+    )
+    from editing.seeds import item_seed
+    from storage.images import ImageError, decode_image, encode_png
+    from storage.store import StoreError, open_store
+
+    root, key = _split_uri(instruction_uri)
+    artifacts = open_store(root)
+    loaded = _load_model(model, device)
+    try:
+        metadata = json.loads(artifacts.get_bytes(_sidecar(key)))
+        instruction = load_instruction(artifacts.get_bytes(key), metadata, loaded)
+    except (InstructionModelMismatch, InstructionIntegrityError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    config = ApplyConfig(
+        num_inference_steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+        batch_size=batch_size,
+    )
+    source, destination = open_store(images_uri), open_store(output)
+    report = BatchReport(
+        command="apply",
+        extra={
+            "category": instruction.category, "instruction_sha256": instruction.sha256,
+            "model_id": loaded.model_id, "model_sha256": loaded.sha256, "run_id": run_id,
+        },
+    )
+    keys = list(image_keys(source))
+    started = time.monotonic()
+    done = 0
+    for chunk in batched(keys, batch_size):
+        photos = []
+        for image_key in chunk:
+            try:
+                photos.append((image_key, decode_image(source.get_bytes(image_key), image_key)))
+            except ImageError as exc:
+                report.fail(image_key, f"{exc.code}: {exc}")
+            except StoreError as exc:
+                report.fail(image_key, f"unreadable: {exc}")
+        if photos:
+            seeds = [item_seed(run_id, image_key, instruction.category) for image_key, _ in photos]
+            edited = apply_instruction(loaded, instruction, [img for _, img in photos], config, seeds)
+            for (image_key, _), result in zip(photos, edited, strict=True):
+                out_key = output_key_for(image_key)
+                destination.put_bytes(out_key, encode_png(result), content_type="image/png")
+                report.written.append(out_key)
+        done += len(chunk)
+        typer.echo(f"apply {instruction.category}: {done}/{len(keys)} ({time.monotonic() - started:.1f} s)", err=True)
+    report.emit()

@@ -1,0 +1,91 @@
+"""`retouch learn` + `retouch apply` end to end on a local folder with the tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+from tests.tiny_models import build_tiny_ip2p
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_ip2p(tmp_path_factory.mktemp("models") / "tiny-ip2p")
+
+
+def _photo(seed: int, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_learn_then_apply_skips_the_corrupt_photo_and_writes_the_rest(tmp_path: Path, tiny_model: Path) -> None:
+    root = tmp_path / "root"
+    for i in range(3):
+        folder = root / "exemplars" / "warm" / f"p{i}"
+        folder.mkdir(parents=True)
+        before = _photo(i, (40, 32))
+        before.save(folder / "before.png")
+        after = np.asarray(before).astype(float) * np.array([1.1, 1.0, 0.8])
+        Image.fromarray(after.clip(0, 255).astype(np.uint8)).save(folder / "after.jpg")
+    (root / "exemplars" / "warm" / "p9").mkdir()
+    (root / "exemplars" / "warm" / "p9" / "before.png").write_bytes(b"")  # missing after: a problem
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(10, (50, 30)).save(photos / "a.png")
+    _photo(11, (36, 36)).save(photos / "b.jpg")
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    runner = CliRunner()
+
+    learned = runner.invoke(app, [
+        "learn", str(root), "--category", "warm", "--output", str(tmp_path / "instr"), "--steps", "2",
+        "--init-instruction", "make it warmer", "--model", str(tiny_model),
+    ])
+    assert learned.exit_code == 0, learned.output
+    summary = _last_json(learned.stdout)
+    assert summary["command"] == "learn" and summary["pairs"] == 3 and summary["failed"] == 1
+    artifact = tmp_path / "instr" / "warm.safetensors"
+    assert artifact.exists() and (tmp_path / "instr" / "warm.json").exists()
+
+    out = tmp_path / "out"
+    applied = runner.invoke(app, ["apply", str(artifact), str(photos), "--output", str(out), "--model", str(tiny_model)])
+    assert applied.exit_code == 0, applied.output
+    summary = _last_json(applied.stdout)
+    assert summary["written"] == 2 and summary["failed"] == 1
+    assert summary["failures"][0]["key"] == "broken.png"
+    assert summary["instruction_sha256"] == json.loads((tmp_path / "instr" / "warm.json").read_text())["content_sha256"]
+    assert Image.open(out / "a.png").size == (50, 30)
+    assert Image.open(out / "b.png").size == (36, 36)
+
+
+def test_apply_refuses_an_instruction_learned_on_another_model(tmp_path: Path, tiny_model: Path) -> None:
+    root = tmp_path / "root" / "exemplars" / "warm" / "p0"
+    root.mkdir(parents=True)
+    _photo(0, (32, 32)).save(root / "before.png")
+    _photo(1, (32, 32)).save(root / "after.png")
+    runner = CliRunner()
+    learned = runner.invoke(app, [
+        "learn", str(tmp_path / "root"), "--category", "warm", "--output", str(tmp_path / "w.safetensors"),
+        "--steps", "1", "--init-instruction", "warm", "--model", str(tiny_model),
+    ])
+    assert learned.exit_code == 0, learned.output
+    other = build_tiny_ip2p(tmp_path / "other-ip2p", seed=1)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(2, (32, 32)).save(photos / "x.png")
+    applied = runner.invoke(app, [
+        "apply", str(tmp_path / "w.safetensors"), str(photos), "--output", str(tmp_path / "out"),
+        "--model", str(other),
+    ])
+    assert applied.exit_code == 2
+    assert "was learned on model" in applied.output
+    assert not (tmp_path / "out" / "x.png").exists()
