@@ -345,6 +345,7 @@ def train_unet(
     max_steps: int | None = None,
     batch_size: int = 32,
     lr: float = 5e-4,
+    resume_from: Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, TrainLog]:
@@ -352,13 +353,19 @@ def train_unet(
 
     ip2p: input = noisy target latent (scaled) + source latent (unscaled `mode()`, exactly what the
     stock pipeline feeds), with InstructPix2Pix condition dropout. t2i: the edited photo captioned
-    with its style, "a photo" for the unedited one.
+    with its style, "a photo" for the unedited one. resume_from: a saved pipeline folder whose UNet
+    and text encoder continue training (the budget can then be spent in several sittings).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     sampler = CropSampler(photos, RESOLUTION, generator)
-    unet = new_unet(kind).to(device=device, dtype=dtype).train()
-    text_encoder = new_text_encoder().to(device=device, dtype=dtype).train()
+    if resume_from is None:
+        unet, text_encoder = new_unet(kind), new_text_encoder()
+    else:
+        unet = UNet2DConditionModel.from_pretrained(resume_from / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(resume_from / "text_encoder")
+    unet = unet.to(device=device, dtype=dtype).train()
+    text_encoder = text_encoder.to(device=device, dtype=dtype).train()
     vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     scheduler = training_scheduler()
     scaling = vae.config.scaling_factor

@@ -196,6 +196,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "retouch-train")
     parser.add_argument("--kinds", nargs="*", default=["ip2p", "t2i"], help="for `card`: which folders")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue training the UNet + text encoder saved in --out"
+    )
     parser.add_argument("--no-card", action="store_true", help="skip the evaluation and model card")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -226,19 +229,34 @@ def main() -> None:
     )
     for kind in ("ip2p", "t2i") if args.model == "all" else (args.model,):
         vae = AutoencoderKL.from_pretrained(vae_dir)
-        unet, text_encoder, log = train_unet(
-            kind, vae, tokenizer, photos, args.minutes or BUDGET_MINUTES[kind], args.seed, args.steps
-        )
         folder = args.out / MODEL_NAMES[kind]
+        stages = json.loads((folder / "training.json").read_text())["stages"] if args.resume else []
+        unet, text_encoder, log = train_unet(
+            kind,
+            vae,
+            tokenizer,
+            photos,
+            args.minutes or BUDGET_MINUTES[kind],
+            args.seed,
+            args.steps,
+            resume_from=folder if args.resume else None,
+        )
         build_pipeline(kind, unet, vae, text_encoder, tokenizer).save_pretrained(
             folder, safe_serialization=True
         )
         (folder / "edits.json").write_text(json.dumps(edits_spec(kind), indent=2) + "\n")
+        stages.append(
+            {
+                "seed": args.seed,
+                "steps": log.steps,
+                "minutes": round(log.seconds / 60, 1),
+                "losses": log.losses,
+            }
+        )
         training = {
-            "seed": args.seed,
-            "steps": log.steps,
-            "minutes": round(log.seconds / 60, 1),
-            "losses": log.losses,
+            "steps": sum(stage["steps"] for stage in stages),
+            "minutes": round(sum(stage["minutes"] for stage in stages), 1),
+            "stages": stages,
             "vae": {k: v for k, v in vae_log.items() if k != "losses"},
         }
         (folder / "training.json").write_text(json.dumps(training) + "\n")
