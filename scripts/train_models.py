@@ -47,6 +47,14 @@ def clip_bpe(workdir: Path) -> bytes:
     return zipfile.ZipFile(wheels[0]).read("open_clip/bpe_simple_vocab_16e6.txt.gz")
 
 
+def strip_machine_paths(folder: Path) -> None:
+    """Drop `_name_or_path` from saved configs: it records where this machine loaded a component from."""
+    for config_file in folder.rglob("*config.json"):
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def edits_spec(kind: str) -> dict:
     """edits.json: the machine-readable contract of what the model was trained to do."""
     spec: dict = {"model": MODEL_NAMES[kind], "resolution": 64, "defaults": DEFAULTS[kind]}
@@ -244,6 +252,7 @@ def main() -> None:
         build_pipeline(kind, unet, vae, text_encoder, tokenizer).save_pretrained(
             folder, safe_serialization=True
         )
+        strip_machine_paths(folder)
         (folder / "edits.json").write_text(json.dumps(edits_spec(kind), indent=2) + "\n")
         stages.append(
             {
