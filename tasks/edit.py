@@ -17,7 +17,8 @@ from itertools import groupby
 from PIL import Image
 from prefect import get_run_logger, task
 
-from editing.instruct import apply_instruction, load_instruction
+from editing.instruct import LearnedInstruction, apply_instruction, load_instruction
+from editing.models import LoadedModel
 from editing.quality import assess
 from editing.seeds import item_seed
 from flows.config import PartitionJob
@@ -28,7 +29,7 @@ from storage.store import NotFoundError, Store, open_store
 from tasks.models import cached_model, model_step
 
 METHOD = "instructbrush"
-_INSTRUCTIONS: dict[tuple[str, str], object] = {}
+_INSTRUCTIONS: dict[tuple[str, str], LearnedInstruction] = {}
 
 
 def done_key(run_id: str, partition: str) -> str:
@@ -74,31 +75,34 @@ def edit_category(job: PartitionJob, category: str, items: list[dict]) -> list[d
     store, out = open_store(job.store_uri), open_store(job.output_uri)
     model = cached_model(job.model_uri, job.device)
     instruction = cached_instruction(out, record, model)
-    rows, sources = [], []
-    for item in items:
-        started = time.monotonic()
-        try:
-            sources.append((item, load_image(store, item["key"]), time.monotonic() - started))
-        except ImageError as exc:
-            rows.append(error_row(job, item, exc.code, str(exc)))
-        except NotFoundError as exc:
-            rows.append(error_row(job, item, "not_found", str(exc)))
-    for start in range(0, len(sources), job.apply.batch_size):
-        batch = sources[start : start + job.apply.batch_size]
-        seeds = [item_seed(job.run_id, item["image_id"], category) for item, _, _ in batch]
+    rows = []
+    # Batch by batch, so a partition of large photos never holds more than one batch in memory.
+    for start in range(0, len(items), job.apply.batch_size):
+        loaded = []
+        for item in items[start : start + job.apply.batch_size]:
+            started = time.monotonic()
+            try:
+                loaded.append((item, load_image(store, item["key"]), time.monotonic() - started))
+            except ImageError as exc:
+                rows.append(error_row(job, item, exc.code, str(exc)))
+            except NotFoundError as exc:
+                rows.append(error_row(job, item, "not_found", str(exc)))
+        if not loaded:
+            continue
+        seeds = [item_seed(job.run_id, item["image_id"], category) for item, _, _ in loaded]
         started = time.monotonic()
         with model_step(job.model_slot):
-            outputs = apply_instruction(model, instruction, [img for _, img, _ in batch],
+            outputs = apply_instruction(model, instruction, [img for _, img, _ in loaded],
                                         job.apply.for_method(), seeds)
-        model_s = (time.monotonic() - started) / len(batch)
-        for (item, source, load_s), output, seed in zip(batch, outputs, seeds, strict=True):
+        model_s = (time.monotonic() - started) / len(loaded)
+        for (item, source, load_s), output, seed in zip(loaded, outputs, seeds, strict=True):
             rows.append(finish_item(job, store, out, model, record, item, source, output, seed,
                                     {"load_s": load_s, "model_s": model_s}))
     return rows
 
 
 def finish_item(
-    job: PartitionJob, store: Store, out: Store, model, record: dict, item: dict, source: Image.Image,
+    job: PartitionJob, store: Store, out: Store, model: LoadedModel, record: dict, item: dict, source: Image.Image,
     output: Image.Image, seed: int, timings: dict,
 ) -> dict:
     """Write the output, run QC and build the item's manifest row."""
@@ -130,7 +134,7 @@ def error_row(job: PartitionJob, item: dict, code: str, message: str) -> dict:
                         qc_status="error", error_code=code, error=message)
 
 
-def cached_instruction(out: Store, record: dict, model) -> object:
+def cached_instruction(out: Store, record: dict, model: LoadedModel) -> LearnedInstruction:
     """The instruction for this model, loaded once per process (partitions share categories)."""
     key = (record["sha256"], model.sha256)
     if key not in _INSTRUCTIONS:

@@ -64,7 +64,7 @@ def prefect_server(tmp_path: Path):
         server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_healthy(url, server, timeout_s=120)
+            _wait_healthy(url, server, timeout_s=300)
             yield url, env
         finally:
             server.terminate()
