@@ -1,0 +1,143 @@
+"""Tuning-free text edits on held-out photos with the shipped t2i model: DDIM+P2P (baseline),
+SimInversion, FPE and plain regeneration from the inverted noise.
+
+For every style caption of the model's edits.json ("a photo" -> "a sepia photo", ...) the
+ground truth is the edit's transform applied to the photo, so the figures are:
+- `psnr_vs_truth`: PSNR of the edit against the ground-truth transform (did it do the edit and
+  keep everything else);
+- `ssim_luma`: full SSIM (scikit-image) of the edit's luminance against the source's luminance;
+- `ssim_structure`: the QC structure term (editing.quality.ssim_structure) against the source;
+- `psnr_source_row`: PSNR of the decoded source row against the photo (how well the method's
+  source branch retraced the photo, which is what SimInversion claims to improve);
+- `s_per_edit`, and its ratio to DDIM+P2P measured in the same run.
+
+Usage: python benchmarks/text_edits.py [--steps 50] [--views 1] [--model DIR] [--edits sepia,warm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.metrics import structural_similarity
+
+from editing.fpe import fpe_edit
+from editing.models import load_model
+from editing.p2p import ddim_p2p_edit
+from editing.photos import sample_photos
+from editing.quality import ssim_structure
+from editing.siminversion import siminversion_edit
+from editing.text_edit import TextEditResult, regenerate
+from editing.transforms import resolve_transform
+
+METHODS: dict[str, Callable[..., TextEditResult]] = {
+    "ddim_p2p": ddim_p2p_edit,
+    "siminversion": siminversion_edit,
+    "fpe": fpe_edit,
+    "regenerate": regenerate,
+}
+LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+
+def square_views(photo: np.ndarray, resolution: int, views: int) -> torch.Tensor:
+    """The centre square, then its quadrants, downsampled to the model's resolution."""
+    image = torch.from_numpy(photo).permute(2, 0, 1).float().div(255)[None]
+    height, width = image.shape[-2:]
+    side = min(height, width)
+    square = image[..., (height - side) // 2 :, (width - side) // 2 :][..., :side, :side]
+    half = side // 2
+    crops = [square] + [square[..., y : y + half, x : x + half] for y in (0, half) for x in (0, half)]
+    return torch.cat(
+        [F.interpolate(c, size=(resolution,) * 2, mode="bilinear", antialias=True) for c in crops[:views]]
+    ).clamp(0, 1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+def ssim_luma(a: torch.Tensor, b: torch.Tensor) -> float:
+    luma_a, luma_b = (x.float().mul(LUMA).sum(1).numpy() for x in (a, b))
+    return float(np.mean([structural_similarity(x, y, data_range=1.0) for x, y in zip(luma_a, luma_b)]))
+
+
+def structure(a: torch.Tensor, b: torch.Tensor) -> float:
+    def hwc(x: torch.Tensor) -> np.ndarray:
+        return x.permute(1, 2, 0).double().numpy()
+
+    return float(np.mean([ssim_structure(hwc(x), hwc(y)) for x, y in zip(a, b)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="t2i model folder (default: the shipped one)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--views", type=int, default=1, help="square views per held-out photo (1-5)")
+    parser.add_argument("--edits", default=None, help="comma-separated edit ids (default: all)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    loaded = load_model(args.model, kind="t2i")
+    spec = loaded.spec or {}
+    resolution = int(
+        spec.get("resolution") or loaded.pipe.unet.config.sample_size * loaded.pipe.vae_scale_factor
+    )
+    base = spec.get("base_caption", "a photo")
+    edits = [e for e in spec.get("edits", []) if args.edits is None or e.get("id") in args.edits.split(",")]
+    photos = torch.cat([square_views(p, resolution, args.views) for p in sample_photos("heldout").values()])
+    print(
+        f"model {loaded.model_id} ({loaded.sha256[:12]}), {len(photos)} images at {resolution} px, "
+        f"{args.steps} steps, {len(edits)} captions",
+        flush=True,
+    )
+
+    rows = []
+    for edit in edits:
+        truth = resolve_transform(edit["transform"])(photos).clamp(0, 1)
+        for name, method in METHODS.items():
+            started = time.perf_counter()
+            result = method(
+                loaded.pipe,
+                image=photos,
+                source_prompt=base,
+                target_prompt=edit["caption"],
+                num_inference_steps=args.steps,
+            )
+            seconds = (time.perf_counter() - started) / len(photos)
+            row = {
+                "edit": edit.get("id", edit["caption"]),
+                "method": name,
+                "psnr_vs_truth": psnr(result.images, truth),
+                "psnr_identity_vs_truth": psnr(photos, truth),
+                "ssim_luma": ssim_luma(result.images, photos),
+                "ssim_structure": structure(result.images, photos),
+                "psnr_source_row": psnr(result.reconstructions, photos),
+                "s_per_edit": seconds,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    print("\nmean over captions")
+    header = f"{'method':<14}{'psnr_vs_truth':>14}{'ssim_luma':>11}{'ssim_struct':>12}{'psnr_src_row':>13}"
+    print(header + f"{'s/edit':>9}{'time/p2p':>10}")
+    baseline_time = np.mean([r["s_per_edit"] for r in rows if r["method"] == "ddim_p2p"])
+    for name in METHODS:
+        mine = [r for r in rows if r["method"] == name]
+        mean = {k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("edit", "method")}
+        print(
+            f"{name:<14}{mean['psnr_vs_truth']:>14.2f}{mean['ssim_luma']:>11.3f}{mean['ssim_structure']:>12.3f}"
+            f"{mean['psnr_source_row']:>13.2f}{mean['s_per_edit']:>9.2f}{mean['s_per_edit'] / baseline_time:>10.2f}"
+        )
+    print(f"identity (no edit) psnr_vs_truth {np.mean([r['psnr_identity_vs_truth'] for r in rows]):.2f}")
+
+
+if __name__ == "__main__":
+    main()

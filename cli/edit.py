@@ -1,0 +1,144 @@
+"""`retouch edit`: tuning-free text edits (FPE, SimInversion, DDIM+P2P) over a folder of photos.
+
+Photos are edited in batches at the t2i model's native size and the edit is lifted back to each
+photo's own resolution by `lift_edit`, so the outputs keep the photo's detail. One PNG per input
+with the same stem; unreadable inputs are reported and skipped; the last line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Annotated
+
+import torch
+import typer
+
+from cli.common import BatchReport, batched, image_keys, output_key_for
+from cli.main import app
+
+
+class Method(str, Enum):
+    fpe = "fpe"
+    siminversion = "siminversion"
+    ddim_p2p = "ddim-p2p"
+
+
+def _method_kwargs(
+    method: Method, w_inv: float | None, w_src: float | None, w_tgt: float | None
+) -> dict[str, float]:
+    """Only the scales the user set, so each method keeps its own defaults for the rest."""
+    if method is Method.fpe and w_inv is not None:
+        raise typer.BadParameter(
+            "FPE inverts with the empty prompt, so --w-inv has no effect", param_hint="--w-inv"
+        )
+    given = {"w_inv": w_inv, "w_src": w_src, "w_tgt": w_tgt}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _edit_function(method: Method):
+    from editing.fpe import fpe_edit
+    from editing.p2p import ddim_p2p_edit
+    from editing.siminversion import siminversion_edit
+
+    return {Method.fpe: fpe_edit, Method.siminversion: siminversion_edit, Method.ddim_p2p: ddim_p2p_edit}[
+        method
+    ]
+
+
+@app.command("edit")
+def edit_command(
+    images_uri: Annotated[str, typer.Argument(help="Folder or s3://bucket/prefix of photos to edit.")],
+    target_prompt: Annotated[str, typer.Option(help='What the photo should become, e.g. "a sepia photo".')],
+    output: Annotated[str, typer.Option(help="Folder or s3:// prefix for the edited PNGs.")],
+    source_prompt: Annotated[
+        str, typer.Option(help='What the photo shows now, e.g. "a photo" (FPE does not need it).')
+    ] = "",
+    method: Annotated[Method, typer.Option(help="Editing method.")] = Method.fpe,
+    w_inv: Annotated[
+        float | None, typer.Option(help="Guidance of the inversion pass (SimInversion 0.5, DDIM+P2P 1).")
+    ] = None,
+    w_src: Annotated[
+        float | None, typer.Option(help="Guidance of the source branch (method default).")
+    ] = None,
+    w_tgt: Annotated[
+        float | None, typer.Option(help="Guidance of the target branch (method default).")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="DDIM steps (inversion and sampling each).")] = 50,
+    seed: Annotated[int, typer.Option(help="Run seed; each photo's VAE posterior draw derives from it.")] = 0,
+    model: Annotated[
+        str | None, typer.Option(help="t2i model folder or s3:// prefix (default: the shipped model).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Photos per batched UNet call.")] = 4,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Edit every photo under IMAGES_URI from --source-prompt to --target-prompt."""
+    from editing.instruct_ops import pil_to_tensor, tensor_to_pil, to_native
+    from editing.lift import lift_edit
+    from editing.models import load_model
+    from editing.seeds import item_seed
+    from storage.images import ImageError, decode_image, encode_png
+    from storage.model_cache import materialise_model
+    from storage.store import StoreError, open_store
+
+    if method is not Method.fpe and not source_prompt:
+        raise typer.BadParameter(f"{method.value} inverts with the source prompt; give --source-prompt")
+    kwargs = _method_kwargs(method, w_inv, w_src, w_tgt)
+    edit = _edit_function(method)
+    source, destination = open_store(images_uri), open_store(output)
+    loaded = load_model(materialise_model(model) if model else None, kind="t2i", device=device)
+    resolution = int(
+        (loaded.spec or {}).get("resolution")
+        or loaded.pipe.unet.config.sample_size * loaded.pipe.vae_scale_factor
+    )
+    report = BatchReport(
+        command="edit",
+        extra={
+            "method": method.value,
+            "model_id": loaded.model_id,
+            "model_sha256": loaded.sha256,
+            "params": {
+                "source_prompt": source_prompt,
+                "target_prompt": target_prompt,
+                "num_inference_steps": steps,
+                "seed": seed,
+                **kwargs,
+            },
+        },
+    )
+    keys = list(image_keys(source))
+    started = time.monotonic()
+    done = 0
+    for chunk in batched(keys, batch_size):
+        photos: list[tuple[str, torch.Tensor]] = []
+        for key in chunk:
+            try:
+                photos.append((key, pil_to_tensor(decode_image(source.get_bytes(key), key))))
+            except ImageError as exc:
+                report.fail(key, f"{exc.code}: {exc}")
+            except StoreError as exc:
+                report.fail(key, f"unreadable: {exc}")
+        if photos:
+            small = torch.cat([to_native(full[None], resolution) for _, full in photos])
+            generators = [
+                torch.Generator(device=device).manual_seed(item_seed(str(seed), key, method.value))
+                for key, _ in photos
+            ]
+            result = edit(
+                loaded.pipe,
+                image=small,
+                source_prompt=source_prompt,
+                target_prompt=target_prompt,
+                num_inference_steps=steps,
+                generator=generators,
+                device=device,
+                **kwargs,
+            )
+            for (key, full), source_small, edited_small in zip(photos, small, result.images, strict=True):
+                lifted = lift_edit(full, source_small, edited_small.to(full))
+                out_key = output_key_for(key)
+                destination.put_bytes(out_key, encode_png(tensor_to_pil(lifted)), content_type="image/png")
+                report.written.append(out_key)
+        done += len(chunk)
+        typer.echo(f"edit {method.value}: {done}/{len(keys)} ({time.monotonic() - started:.1f} s)", err=True)
+    report.emit()

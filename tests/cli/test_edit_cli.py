@@ -1,0 +1,120 @@
+"""`retouch edit` end to end on a local folder with the tiny random t2i model: one PNG per good
+photo at its own size and stem, the corrupt file skipped and reported, a final JSON line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+from tests.tiny_models import build_tiny_t2i
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_t2i(tmp_path_factory.mktemp("models") / "tiny-t2i")
+
+
+def _photo(seed: int, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _run(args: list[str]) -> tuple[int, str, dict]:
+    result = CliRunner().invoke(app, args)
+    summary = json.loads(result.stdout.strip().splitlines()[-1]) if result.exit_code == 0 else {}
+    return result.exit_code, result.output, summary
+
+
+@pytest.mark.parametrize("method", ["fpe", "siminversion", "ddim-p2p"])
+def test_edit_writes_one_png_per_photo_and_reports_the_corrupt_one(
+    tmp_path: Path, tiny_model: Path, method: str
+) -> None:
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    _photo(0, (48, 36)).save(photos / "shirt.jpg")
+    _photo(1, (32, 32)).save(photos / "shoe.png")
+    (photos / "broken.png").write_bytes(b"not an image")
+    (photos / "notes.txt").write_text("ignored")
+    args = [
+        "edit",
+        str(photos),
+        "--source-prompt",
+        "a photo",
+        "--target-prompt",
+        "a sepia photo",
+        "--method",
+        method,
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_model),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seed",
+        "3",
+    ]
+    code, output, summary = _run(args)
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == ["shirt.png", "shoe.png"]
+    with Image.open(out / "shirt.png") as img:
+        assert img.size == (48, 36)
+    assert summary["command"] == "edit" and summary["method"] == method
+    assert summary["written"] == 2 and summary["failed"] == 1
+    assert summary["failures"][0]["key"] == "broken.png"
+    assert summary["params"]["seed"] == 3 and summary["params"]["num_inference_steps"] == 2
+    assert "2/3" in output or "3/3" in output
+
+
+def test_edit_is_reproducible_for_a_seed(tmp_path: Path, tiny_model: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(0, (40, 40)).save(photos / "a.png")
+    outputs = []
+    for run in ("one", "two"):
+        code, output, _ = _run(
+            [
+                "edit",
+                str(photos),
+                "--target-prompt",
+                "a sepia photo",
+                "--output",
+                str(tmp_path / run),
+                "--model",
+                str(tiny_model),
+                "--steps",
+                "2",
+                "--seed",
+                "5",
+            ]
+        )
+        assert code == 0, output
+        outputs.append(np.asarray(Image.open(tmp_path / run / "a.png")))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_edit_refuses_an_inversion_scale_for_fpe(tmp_path: Path, tiny_model: Path) -> None:
+    code, output, _ = _run(
+        [
+            "edit",
+            str(tmp_path),
+            "--target-prompt",
+            "x",
+            "--output",
+            str(tmp_path / "o"),
+            "--model",
+            str(tiny_model),
+            "--method",
+            "fpe",
+            "--w-inv",
+            "0.5",
+        ]
+    )
+    assert code != 0 and "--w-inv" in output
