@@ -72,7 +72,7 @@ class LearnConfig(BaseModel):
     """Learning settings. Steps, lr and batch are ours (the paper gives none); groups, r, eta its."""
 
     space: Literal["attention", "text"] = Field("attention", description="what is optimised")
-    steps: int = Field(300, ge=0, description="optimisation steps (same budget for both spaces)")
+    steps: int = Field(200, ge=0, description="optimisation steps (same budget for both spaces)")
     lr: float = Field(5e-3, gt=0, description="Adam learning rate")
     batch_size: int = Field(4, ge=1, description="pairs per step, each at its own random timestep")
     time_groups: int = Field(5, ge=1, description="time-aware K/V sets (attention space; paper: 5)")
@@ -368,12 +368,16 @@ def edit_native(
 ) -> Tensor:
     """IP2P dual guidance on a batch at native size: (B, 3, h, w) in [0, 1] -> same.
 
-    Rows are [instruction | image-only | unconditional] chunks as in the stock pipeline; each image
-    draws its noise from its own generator, so its output does not depend on its batch.
+    Rows are [instruction | image-only | unconditional] chunks as in the stock pipeline, and like
+    it guidance is skipped (instruction rows only) unless guidance_scale > 1 and
+    image_guidance_scale >= 1. Each image draws its noise from its own generator, so its output
+    does not depend on its batch.
     """
     unet, vae = pipe.unet, pipe.vae
     device, dtype = unet.device, next(unet.parameters()).dtype
     batch = sources.shape[0]
+    guided_rows = guidance_scale > 1.0 and image_guidance_scale >= 1.0
+    chunks = 3 if guided_rows else 1
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=device)
     generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
@@ -382,25 +386,26 @@ def edit_native(
         shape = (1, unet.config.out_channels, *image_latents.shape[-2:])
         latents = torch.cat([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators])
         latents = latents * scheduler.init_noise_sigma
-        conditioning = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+        conditioning = image_latents
+        if guided_rows:
+            conditioning = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
         step_kwargs = {}
         step_params = inspect.signature(scheduler.step).parameters
         if "eta" in step_params:
             step_kwargs["eta"] = 0.0
         if "generator" in step_params:
             step_kwargs["generator"] = generators
-        state = InjectionState(
-            num_groups=bank.num_groups, num_train_timesteps=scheduler.config.num_train_timesteps
-        )
-        state.instruction_rows = torch.arange(3 * batch, device=device) < batch
-        placeholder = bank.context.unsqueeze(0).expand(3 * batch, -1, -1)
+        state = InjectionState(num_groups=bank.num_groups, num_train_timesteps=scheduler.config.num_train_timesteps)
+        state.instruction_rows = torch.arange(chunks * batch, device=device) < batch
+        placeholder = bank.context.unsqueeze(0).expand(chunks * batch, -1, -1)
         with instruction_processors(unet, bank, state):
             for t in scheduler.timesteps:
-                model_input = scheduler.scale_model_input(torch.cat([latents] * 3), t)
+                model_input = scheduler.scale_model_input(torch.cat([latents] * chunks), t)
                 output = unet(torch.cat([model_input, conditioning], dim=1), t, placeholder).sample
-                text, image, uncond = output.chunk(3)
-                guided = uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
-                latents = scheduler.step(guided, t, latents, **step_kwargs).prev_sample
+                if guided_rows:
+                    text, image, uncond = output.chunk(3)
+                    output = uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
+                latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
         decoded = vae.decode(latents / vae.config.scaling_factor).sample
     return (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()
 

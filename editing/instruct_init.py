@@ -81,9 +81,9 @@ class InitConfig(BaseModel):
         None, description="candidate phrases; None = the shipped bank plus the model's own phrasings"
     )
     score_timesteps: tuple[int, ...] = Field(
-        (500, 800), description="fixed timesteps for scoring; the instruction matters most at high t"
+        (650,), description="fixed timesteps for scoring; the instruction matters most at high t"
     )
-    max_score_pairs: int = Field(5, ge=1, description="pairs used for scoring (cost grows linearly)")
+    max_score_pairs: int = Field(4, ge=1, description="pairs used for scoring (cost grows linearly)")
     rows_per_batch: int = Field(96, ge=1, description="UNet rows per scoring forward pass")
     seed: int = Field(0, description="seed of the fixed scoring noise")
 

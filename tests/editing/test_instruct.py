@@ -212,17 +212,20 @@ def test_seeds_make_outputs_replayable_and_batch_independent(model, learned) -> 
     assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[1]))  # same image, other id
 
 
-def test_batched_text_path_matches_the_stock_pipeline(model) -> None:
-    """The batched application equals a per-image loop of the stock pipeline with the same embedding."""
+@pytest.mark.parametrize(("text_scale", "image_scale"), [(3.0, 1.5), (1.0, 1.0)])
+def test_batched_text_path_matches_the_stock_pipeline(model, text_scale: float, image_scale: float) -> None:
+    """The batched application equals a per-image loop of the stock pipeline with the same embedding,
+    with dual guidance and without it (the stock pipeline's rule: text > 1 and image >= 1)."""
     pipe = model.pipe
     instruction = phrase_instruction(model, "make it warmer")
     images = [_image(6, (32, 32)), _image(7, (32, 32))]
     seeds = [11, 12]
-    ours = edit_native(pipe, instruction.bank(pipe), torch.stack([pil_to_tensor(i) for i in images]), seeds, 4, 3.0, 1.5)
+    sources = torch.stack([pil_to_tensor(i) for i in images])
+    ours = edit_native(pipe, instruction.bank(pipe), sources, seeds, 4, text_scale, image_scale)
     for image, seed, mine in zip(images, seeds, ours, strict=True):
         stock = pipe(
-            prompt_embeds=instruction.context[None], image=image, num_inference_steps=4, guidance_scale=3.0,
-            image_guidance_scale=1.5, generator=torch.Generator().manual_seed(seed), output_type="pt",
+            prompt_embeds=instruction.context[None], image=image, num_inference_steps=4,
+            guidance_scale=text_scale, image_guidance_scale=image_scale, generator=torch.Generator().manual_seed(seed), output_type="pt",
         ).images[0]
         assert torch.allclose(mine, stock, atol=2e-4)
 
