@@ -101,6 +101,13 @@ def render_model_card(kind: str, spec: dict, figures: dict, training: dict) -> s
             f"guidance_scale={spec['defaults']['guidance_scale']}, "
             f"image_guidance_scale={spec['defaults']['image_guidance_scale']}).images[0]"
         )
+        short = [k for k, v in figures["psnr_edit"].items() if v < figures["psnr_identity"][k] + 3]
+        headline += (
+            "\n- quality bar (mean >= identity + 6 dB; every edit >= identity + 3 dB): mean "
+            + ("met" if figures["psnr_edit_mean"] >= figures["psnr_identity_mean"] + 6 else "NOT met")
+            + "; per edit "
+            + (f"NOT met for {', '.join(short)}" if short else "met")
+        )
         structure = "UNet2DConditionModel with 8 input channels (noisy latent + source latent), 4 out"
     else:
         edit_rows = "\n".join(
@@ -119,12 +126,18 @@ def render_model_card(kind: str, spec: dict, figures: dict, training: dict) -> s
             f'- naive caption swap (invert with "a photo", regenerate with the edit caption): mean '
             f"{figures['psnr_caption_edit_mean']:.2f} dB vs identity {figures['psnr_identity_mean']:.2f} dB"
         )
+        met = figures["psnr_inversion_recon"] >= figures["psnr_vae_recon"] - 2
+        headline += "\n- quality bar (inversion + reconstruction >= VAE - 2 dB): " + (
+            "met" if met else "NOT met"
+        )
         usage = (
             "pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)\n"
             'image = pipe("a sepia photo", height=64, width=64, num_inference_steps=50, guidance_scale=1.0).images[0]'
         )
         structure = "UNet2DConditionModel with 4 input channels"
     vae = training.get("vae", {})
+    stages = training["stages"]
+    sittings = "; ".join(f"seed {st['seed']}, {st['steps']} steps, {st['minutes']} min" for st in stages)
     return f"""# {name}
 
 A tiny {"InstructPix2Pix" if kind == "ip2p" else "text-to-image (Stable Diffusion layout)"} model trained
@@ -165,11 +178,14 @@ transform. Reproduce with `retouch eval-model editing/weights/{name}`.
   resized to 64 px, random horizontal flips; a quarter of every batch is procedural (smooth colour fields
   with discs). Ground truth from `editing/transforms.py`.
 - {CONDITIONING[kind]}
-- Seed {training["seed"]}; UNet {training["steps"]} steps at batch 32 in {training["minutes"]} CPU-minutes
-  (AdamW lr 5e-4, 1 thread on a shared 2-core machine); VAE {vae.get("steps", "?")} steps at batch 32
-  (32 px windows) in {round(vae.get("seconds", 0) / 60, 1)} minutes.
-- Retrain: `python scripts/train_models.py vae --seed 0` then `python scripts/train_models.py {kind} --seed 0`
-  (runs are time-budgeted: pass `--steps {training["steps"]}` to replay this step count).
+- UNet + text encoder: {training["steps"]} steps at batch 32 in {training["minutes"]} CPU-minutes, AdamW lr 5e-4,
+  1 thread each on a shared 2-core machine, in {len(stages)} sitting(s): {sittings}.
+  VAE: {vae.get("steps", "?")} steps at batch 32 (32 px windows of 64 px crops) in
+  {round(vae.get("seconds", 0) / 60, 1)} minutes, seed {vae.get("seed", "?")}.
+- Retrain: `python scripts/train_models.py vae --seed 0`, then
+  `python scripts/train_models.py {kind} --seed 0 --minutes M` and, for each further sitting,
+  `python scripts/train_models.py {kind} --resume --seed S --minutes M` (`--steps N` instead of
+  `--minutes` replays an exact step count).
   `training.json` holds the loss log.
 
 ## Photos

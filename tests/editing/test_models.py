@@ -1,0 +1,174 @@
+"""The shipped default models: stock pipelines load them offline, their spec matches the transforms,
+their content hash is what the manifest can trust, and the evaluation prints every figure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from editing.models import folder_sha256, load_model, shipped_model_dir
+from editing.photos import HELDOUT, sample_photos
+from editing.transforms import EDITS, resolve_transform
+
+KINDS = ("ip2p", "t2i")
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: HF offline mode and every socket connect raising."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network access attempted during an offline load")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _photo(size: int = 64) -> Image.Image:
+    photo = sample_photos("heldout")["coffee"]
+    return Image.fromarray(photo).resize((size, size))
+
+
+def test_heldout_photos_never_train() -> None:
+    train, heldout = sample_photos("train"), sample_photos("heldout")
+    assert set(heldout) == set(HELDOUT) and len(heldout) >= 3
+    assert not set(train) & set(heldout)
+    assert all(
+        p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3 for p in [*train.values(), *heldout.values()]
+    )
+
+
+def test_transforms_keep_shape_range_and_do_what_they_say() -> None:
+    x = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    for edit_id, edit in EDITS.items():
+        y = edit.function(x)
+        assert y.shape == x.shape and y.dtype == x.dtype, edit_id
+        assert float(y.min()) >= 0 and float(y.max()) <= 1, edit_id
+    grey = EDITS["grayscale"].function(x)
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+    warm = EDITS["warm"].function(x)
+    assert (warm[:, 0].mean() - warm[:, 2].mean()) > (x[:, 0].mean() - x[:, 2].mean()) + 0.05
+    assert EDITS["blur"].function(x).std() < 0.6 * x.std()
+    ones = torch.ones(1, 3, 33, 33)
+    vignetted = EDITS["vignette"].function(ones)
+    assert float(vignetted[0, 0, 16, 16]) == pytest.approx(1.0) and float(vignetted[0, 0, 0, 0]) < 0.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_edits_json_has_the_agreed_shape(kind: str) -> None:
+    folder = shipped_model_dir(kind)
+    spec = json.loads((folder / "edits.json").read_text())
+    expected_keys = {"model", "resolution", "defaults", "edits"} | (
+        {"base_caption"} if kind == "t2i" else set()
+    )
+    assert set(spec) == expected_keys
+    assert spec["model"] == folder.name and spec["resolution"] == 64
+    assert set(spec["defaults"]) == {"num_inference_steps", "guidance_scale", "image_guidance_scale"}
+    assert len(spec["edits"]) >= 10
+    assert [e["id"] for e in spec["edits"]] == list(EDITS)
+    x = torch.rand(1, 3, 16, 16)
+    for edit in spec["edits"]:
+        text_key = "phrasings" if kind == "ip2p" else "caption"
+        assert set(edit) == {"id", text_key, "transform"}
+        if kind == "ip2p":
+            assert len(edit["phrasings"]) >= 2
+        assert resolve_transform(edit["transform"])(x).shape == x.shape
+    if kind == "t2i":
+        assert spec["base_caption"] == "a photo"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shipped_folder_fits_the_size_budget(kind: str) -> None:
+    folder = shipped_model_dir(kind)
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 20_000_000
+    assert (folder / "README.md").is_file()
+
+
+def test_stock_ip2p_pipeline_loads_offline_and_edits(offline: None) -> None:
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(shipped_model_dir("ip2p"))
+    pipe.set_progress_bar_config(disable=True)
+    source = _photo()
+    out = pipe(
+        "make it black and white",
+        image=source,
+        num_inference_steps=10,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert out.size == (64, 64)
+    edited, original = np.asarray(out, dtype=np.float32), np.asarray(source, dtype=np.float32)
+    # the instruction was followed: red and blue (nearly) agree in the output, unlike in the source
+    colour_gap = np.abs(edited[..., 0] - edited[..., 2]).mean()
+    assert colour_gap < 0.3 * np.abs(original[..., 0] - original[..., 2]).mean()
+
+
+def test_stock_t2i_pipeline_loads_offline_and_generates(offline: None) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(shipped_model_dir("t2i"))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        "a photo", height=64, width=64, num_inference_steps=10, generator=torch.Generator().manual_seed(0)
+    )
+    image = np.asarray(out.images[0])
+    assert image.shape == (64, 64, 3) and image.std() > 5
+
+
+def test_load_model_reports_what_the_manifest_records(offline: None) -> None:
+    model = load_model(kind="ip2p")
+    assert model.model_id == "retouch-tiny-ip2p" and model.kind == "ip2p"
+    assert model.sha256 == folder_sha256(shipped_model_dir("ip2p")) and len(model.sha256) == 64
+    assert model.spec is not None and model.spec["model"] == "retouch-tiny-ip2p"
+    assert model.pipe.unet.dtype == torch.float32
+
+
+def test_load_model_refuses_wrong_kind_and_remote_uris() -> None:
+    with pytest.raises(ValueError, match="input channels"):
+        load_model(shipped_model_dir("t2i"), kind="ip2p")
+    with pytest.raises(ValueError, match="materialise_model"):
+        load_model("s3://bucket/models/ip2p")
+    with pytest.raises(ValueError, match="kind"):
+        load_model(kind="inpaint")
+
+
+def test_sha256_is_stable_and_follows_content(tmp_path: Path) -> None:
+    original = shipped_model_dir("ip2p")
+    copy = tmp_path / "renamed-copy"
+    shutil.copytree(original, copy)
+    assert folder_sha256(copy) == folder_sha256(original)
+    (copy / "README.md").write_text("a corrected model card")
+    assert folder_sha256(copy) == folder_sha256(original), "the model card is documentation, not behaviour"
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
+    assert folder_sha256(copy) != folder_sha256(original)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_model_ends_with_one_json_line(kind: str) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["eval-model", str(shipped_model_dir(kind)), "--max-photos", "1"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["n_images"] == 5 and figures["kind"] == kind
+    assert set(figures["psnr_identity"]) == set(EDITS)
+    assert figures["psnr_vae_recon"] > 20
+    if kind == "ip2p":
+        assert set(figures["psnr_edit"]) == set(EDITS) and "psnr_edit_mean" in figures
+    else:
+        assert figures["psnr_inversion_recon"] > 15 and set(figures["psnr_caption_edit"]) == set(EDITS)
