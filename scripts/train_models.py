@@ -1,4 +1,7 @@
-"""Retrain the embedded default models from scratch: `python scripts/train_models.py vae|ip2p|t2i|all`.
+"""Retrain the embedded default models from scratch: `python scripts/train_models.py vae|ip2p|t2i|all|replay`.
+
+`replay` reproduces the shipped weights exactly: it re-runs the seeds and step counts recorded in
+each folder's training.json (about 60 CPU-minutes on 2 cores).
 
 Seeded; each model stops at its CPU-minute budget (or at --steps, for a step-exact replay). The VAE
 is trained first and shared by both UNets; the CLIP tokenizer is rebuilt from the BPE file inside the
@@ -210,9 +213,44 @@ def write_card(kind: str, folder: Path) -> dict:
     return figures
 
 
+def replay(out: Path, workdir: Path, threads: int) -> None:
+    """Retrain both shipped models from scratch with the exact recipe recorded in their training.json.
+
+    The shipped weights were trained in time-limited sittings; this replays the same seeds and step
+    counts (VAE first, then each sitting of each UNet), so one command reproduces them.
+    """
+    recipes = {
+        kind: json.loads((out / MODEL_NAMES[kind] / "training.json").read_text()) for kind in MODEL_NAMES
+    }
+    vae = recipes["ip2p"]["vae"]
+    common = ["--out", str(out), "--workdir", str(workdir), "--threads", str(threads)]
+    script = [sys.executable, str(Path(__file__).resolve())]
+    subprocess.run(
+        [*script, "vae", "--seed", str(vae["seed"]), "--steps", str(vae["steps"]), *common], check=True
+    )
+    for kind, recipe in recipes.items():
+        stages = recipe["stages"]
+        for index, stage in enumerate(stages):
+            flags = ["--resume"] if index else []
+            flags += [] if index == len(stages) - 1 else ["--no-card"]
+            subprocess.run(
+                [
+                    *script,
+                    kind,
+                    "--seed",
+                    str(stage["seed"]),
+                    "--steps",
+                    str(stage["steps"]),
+                    *flags,
+                    *common,
+                ],
+                check=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=["vae", "ip2p", "t2i", "all", "card"])
+    parser.add_argument("model", choices=["vae", "ip2p", "t2i", "all", "card", "replay"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=None, help="per-model budget (default: per model)")
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps instead")
@@ -229,6 +267,9 @@ def main() -> None:
     torch.set_flush_denormal(True)
     args.workdir.mkdir(parents=True, exist_ok=True)
 
+    if args.model == "replay":
+        replay(args.out, args.workdir, args.threads)
+        return
     if args.model == "card":
         for kind in args.kinds:
             print(json.dumps(write_card(kind, args.out / MODEL_NAMES[kind])))
