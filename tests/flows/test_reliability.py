@@ -38,6 +38,8 @@ from tests.storage.conftest import FaultPlan, FaultProxy
 from tests.tiny_models import build_tiny_ip2p
 
 ROOT = Path(__file__).resolve().parents[2]
+# Whole refreshes, each tens of seconds on 2 cores: marked slow, still run in CI.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
