@@ -89,7 +89,9 @@ def _validate(root: str, decode: bool) -> list[LayoutProblem]:
             )
         )
     present = set(store.list(CATALOGUE_PREFIX))
-    for key in index["key"]:
+    for row in index[index["index_error"] != ""].itertuples():
+        problems.append(LayoutProblem(repr(row.key), "bad_index_row", f"{row.image_id}: {row.index_error}"))
+    for key in index.loc[index["index_error"] == "", "key"]:
         # One listing answers for keys under catalogue/; keys elsewhere cost a request each.
         missing = key not in present if key.startswith(CATALOGUE_PREFIX) else not store.exists(key)
         if missing:

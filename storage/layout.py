@@ -44,6 +44,8 @@ CATALOGUE_PREFIX = "catalogue/"
 CATALOGUE_INDEX_PARQUET = "catalogue/index.parquet"
 CATALOGUE_INDEX_CSV = "catalogue/index.csv"
 CATALOGUE_INDEX_COLUMNS = ("image_id", "key", "category", "partition")
+# Added by read_catalogue_index: '' for a usable row, else why the row's item cannot be edited.
+INDEX_ERROR_COLUMN = "index_error"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
 _HALVES = ("before", "after")
 
@@ -162,15 +164,36 @@ def _validated_index(df: pd.DataFrame, where: str) -> pd.DataFrame:
     dupes = out["image_id"][out["image_id"].duplicated()]
     if len(dupes):
         raise CatalogueIndexError(f"{where}: duplicate image_id values {sorted(set(dupes))[:10]}")
-    for col in ("key", "category", "partition"):
+    # Category and partition name units of work and output folders: a bad one is a broken index.
+    for col in ("category", "partition"):
         for value in out[col].unique():
             try:
-                validate_key(value)
-                if col != "key" and "/" in value:
-                    raise InvalidKeyError(value, "must be a single path segment")
+                _validate_segment(value)
             except InvalidKeyError as exc:
                 raise CatalogueIndexError(f"{where}: bad {col}: {exc}") from exc
+    # A bad key or image id concerns one item: it is recorded on the row so that the item becomes an
+    # error row in the manifest while the rest of the catalogue is edited.
+    out[INDEX_ERROR_COLUMN] = [_row_problem(row.image_id, row.key) for row in out.itertuples()]
     return out.reset_index(drop=True)
+
+
+def _validate_segment(value: str) -> None:
+    validate_key(value)
+    if "/" in value:
+        raise InvalidKeyError(value, "must be a single path segment")
+
+
+def _row_problem(image_id: str, key: str) -> str:
+    """'' for a usable row, else the reason it cannot be edited (for the item's error row)."""
+    try:
+        _validate_segment(image_id)
+    except InvalidKeyError as exc:
+        return f"bad image_id: {exc}"
+    try:
+        validate_key(key)
+    except InvalidKeyError as exc:
+        return f"bad key: {exc}"
+    return ""
 
 
 def read_catalogue_index(store: Store) -> pd.DataFrame:
@@ -194,8 +217,20 @@ def _read_csv(buf: io.BytesIO) -> pd.DataFrame:
 
 
 def write_catalogue_index(store: Store, df: pd.DataFrame) -> str:
-    """Validate and write `catalogue/index.parquet` in one PUT; returns the key."""
-    out = _validated_index(df, store.uri_for(CATALOGUE_INDEX_PARQUET))
+    """Validate and write `catalogue/index.parquet` in one PUT; returns the key.
+
+    Writing refuses what reading tolerates: a row with a bad key or image id is an error here.
+    """
+    out = _validated_index(
+        df.drop(columns=[INDEX_ERROR_COLUMN], errors="ignore"), store.uri_for(CATALOGUE_INDEX_PARQUET)
+    )
+    problems = out[out[INDEX_ERROR_COLUMN] != ""]
+    if len(problems):
+        first = problems.iloc[0]
+        raise CatalogueIndexError(
+            f"{store.uri_for(CATALOGUE_INDEX_PARQUET)}: {first.image_id}: {first.index_error}"
+        )
+    out = out.drop(columns=[INDEX_ERROR_COLUMN])
     buf = io.BytesIO()
     out.to_parquet(buf, index=False)
     store.put_bytes(CATALOGUE_INDEX_PARQUET, buf.getvalue(), content_type="application/vnd.apache.parquet")

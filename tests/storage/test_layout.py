@@ -116,6 +116,7 @@ def test_readme_layout_example_is_real(store):
         ],
         "category": ["warm-studio", "warm-studio", "soft-matte"],
         "partition": ["p000", "p000", "p001"],
+        "index_error": ["", "", ""],
     }
     assert all(store.exists(key) for key in index["key"])
     assert read_manifest(store, "2026-11-21")["image_id"].tolist() == ["sku-1001"]
@@ -171,7 +172,6 @@ def test_catalogue_index_parquet_round_trip_keeps_ids_as_strings(store):
             "image_id,key,category,partition\n1,catalogue/a.jpg,c,p0\n1,catalogue/b.jpg,c,p0\n",
             "duplicate image_id",
         ),
-        ("image_id,key,category,partition\n1,../a.jpg,c,p0\n", "bad key"),
         ("image_id,key,category,partition\n1,catalogue/a.jpg,,p0\n", "column 'category' is empty"),
         ("image_id,key,category,partition\n1,catalogue/a.jpg,c,p/0\n", "bad partition"),
     ],
@@ -180,6 +180,27 @@ def test_bad_catalogue_index_is_refused(store, csv, message):
     store.put_bytes("catalogue/index.csv", csv.encode())
     with pytest.raises(CatalogueIndexError, match=message):
         read_catalogue_index(store)
+
+
+def test_path_like_key_marks_its_row_and_keeps_the_rest(store):
+    csv = (
+        "image_id,key,category,partition\n"
+        "1,catalogue/a.jpg,c,p0\n2,../../etc/passwd,c,p0\n3,/abs.jpg,c,p0\nx/y,catalogue/b.jpg,c,p0\n"
+    )
+    store.put_bytes("catalogue/index.csv", csv.encode())
+    index = read_catalogue_index(store)
+    assert index["image_id"].tolist() == ["1", "2", "3", "x/y"]
+    problems = index["index_error"].tolist()
+    assert problems[0] == ""
+    assert problems[1].startswith("bad key") and ".." in problems[1]
+    assert problems[2].startswith("bad key")
+    assert problems[3].startswith("bad image_id")
+
+
+def test_writing_an_index_with_a_bad_key_is_refused(store):
+    df = pd.DataFrame([{"image_id": "1", "key": "../a.jpg", "category": "c", "partition": "p0"}])
+    with pytest.raises(CatalogueIndexError, match="bad key"):
+        write_catalogue_index(store, df)
 
 
 def test_missing_catalogue_index_is_a_clear_error(store):
