@@ -100,6 +100,12 @@ def results_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def where(store: Store, key: str) -> str:
+    """A path people can open (local demo store) or the URI."""
+    path = store.local_path(key)
+    return str(path) if path is not None else store.uri_for(key)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo-output", help="folder for the demo store (default: %(default)s)")
@@ -107,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="model folder or s3:// prefix (default: the shipped model)")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The embedded server migrates a fresh database on first start; on a busy 2-core box that can
+    # take longer than Prefect's 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
     from flows.config import LearnConfig, RefreshConfig
     from flows.refresh import catalogue_refresh
@@ -125,11 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(results_table(summary))
     print()
-    print(f"edited images   {summary['edited_uri']}")
-    print(f"manifest        {summary['manifest_uri']}")
-    print(f"contact sheets  {store.uri_for('edited/run=' + summary['run_id'] + '/contact-sheets')}")
-    print(f"published       {store.uri_for('published')}  ({summary['review'].get('published', {})})")
-    print(f"run summary     {store.uri_for('runs/' + summary['run_id'] + '/summary.json')}")
+    run = f"run={summary['run_id']}"
+    print(f"edited images   {where(store, f'edited/{run}')}")
+    print(f"manifest        {where(store, f'manifest/{run}')}")
+    print(f"contact sheets  {where(store, f'edited/{run}/contact-sheets')}")
+    print(f"published       {where(store, 'published')}  {summary['review'].get('published', {})}")
+    print(f"run summary     {where(store, 'runs/' + summary['run_id'] + '/summary.json')}")
     print(f"wall time       {time.monotonic() - started:.0f} s")
     return summary
 
