@@ -5,12 +5,15 @@ crops of the held-out photos (editing.photos "heldout"): 10 exemplar pairs to le
 other crops to test on. For every category we report PSNR to the ground truth for
 
     identity        the unedited source
-    best phrase     the best single text instruction (chosen by PSNR on 5 of the training pairs among
-                    the model's own phrasings and the phrase-bank initialisation), no learning
+    best phrase     the best single text instruction and text guidance scale (chosen together by
+                    PSNR on 5 of the training pairs among the model's own phrasings and the
+                    phrase-bank initialisation, guidance from LearnConfig.guidance_candidates), no
+                    learning
     text            VISII-style text-space learning
     attention       InstructBrush attention-space learning (same steps, pairs and seed)
 
-at the model's native size, plus the attention output at full resolution (lifted) against the
+at the model's native size (learned instructions at their own default guidance, chosen on their
+exemplar pairs by `learn_instruction`), plus the attention output at full resolution (lifted) against the
 full-resolution ground truth, and the wall time of learning. Targets (issue 4): attention >=
 identity + 3 dB and >= best phrase + 1 dB on average; full-res >= native - 1 dB.
 
@@ -80,6 +83,8 @@ def _psnr(a: Tensor, b: Tensor) -> float:
 
 def _native_outputs(model, instruction, sources: Tensor, ids: list[str], config: dict) -> Tensor:
     pipe = model.pipe
+    learned = instruction.metadata.get("apply_defaults") or {}
+    config = {**config, **{k: v for k, v in learned.items() if k in config}}
     seeds = [item_seed("bench", image_id, instruction.category) for image_id in ids]
     return edit_native(pipe, instruction.bank(pipe), sources, seeds, **config)
 
@@ -111,7 +116,8 @@ def main() -> None:
         train = _crops(photos, 10, seed=100 + index)
         test = _crops(photos, 5, seed=200 + index)
         pairs = [
-            InstructionPair(pid, tensor_to_pil(x), tensor_to_pil(transform(x[None])[0]), "") for pid, x in train
+            InstructionPair(pid, tensor_to_pil(x), tensor_to_pil(transform(x[None])[0]), "")
+            for pid, x in train
         ]
         train_src = torch.cat([to_native(pil_to_tensor(p.before)[None], resolution) for p in pairs])
         train_gt = transform(train_src)
@@ -120,11 +126,15 @@ def main() -> None:
         test_gt = transform(test_src)
 
         started = time.perf_counter()
-        attention = learn_instruction(model, pairs, LearnConfig(space="attention", **overrides), category=name)
+        attention = learn_instruction(
+            model, pairs, LearnConfig(space="attention", **overrides), category=name
+        )
         attention_s = time.perf_counter() - started
         started = time.perf_counter()
         text = learn_instruction(
-            model, pairs, LearnConfig(space="text", init_instruction=attention.instruction, **overrides),
+            model,
+            pairs,
+            LearnConfig(space="text", init_instruction=attention.instruction, **overrides),
             category=name,
         )
         text_s = time.perf_counter() - started
@@ -134,34 +144,56 @@ def main() -> None:
         train_src, train_gt = train_src[:5], train_gt[:5]
         phrase_scores = {}
         for phrase in candidates:
-            out = _native_outputs(model, phrase_instruction(model, phrase, name), train_src, train_ids, apply_cfg)
-            phrase_scores[phrase] = float(np.mean([_psnr(o, g) for o, g in zip(out, train_gt, strict=True)]))
-        best_phrase = max(phrase_scores, key=phrase_scores.get)
+            for scale in LearnConfig().guidance_candidates or (apply_cfg["guidance_scale"],):
+                cfg = {**apply_cfg, "guidance_scale": scale}
+                out = _native_outputs(
+                    model, phrase_instruction(model, phrase, name), train_src, train_ids, cfg
+                )
+                phrase_scores[phrase, scale] = float(
+                    np.mean([_psnr(o, g) for o, g in zip(out, train_gt, strict=True)])
+                )
+        best_phrase, best_scale = max(phrase_scores, key=phrase_scores.get)
+        phrase_cfg = {**apply_cfg, "guidance_scale": best_scale}
 
-        def test_psnr(instruction, src=test_src, ids=test_ids, truth=test_gt) -> float:
-            out = _native_outputs(model, instruction, src, ids, apply_cfg)
+        def test_psnr(instruction, src=test_src, ids=test_ids, truth=test_gt, cfg=apply_cfg) -> float:
+            out = _native_outputs(model, instruction, src, ids, cfg)
             return float(np.mean([_psnr(o, g) for o, g in zip(out, truth, strict=True)]))
 
         row = {
             "category": name,
             "identity": float(np.mean([_psnr(s, g) for s, g in zip(test_src, test_gt, strict=True)])),
-            "best_phrase": test_psnr(phrase_instruction(model, best_phrase, name)),
+            "best_phrase": test_psnr(phrase_instruction(model, best_phrase, name), cfg=phrase_cfg),
             "text": test_psnr(text),
             "attention": test_psnr(attention),
         }
         full_outputs = apply_instruction(
-            model, attention, [tensor_to_pil(x) for _, x in test],
-            ApplyConfig(**apply_cfg), seeds=[item_seed("bench", i, name) for i in test_ids],
+            model,
+            attention,
+            [tensor_to_pil(x) for _, x in test],
+            ApplyConfig(),
+            seeds=[item_seed("bench", i, name) for i in test_ids],
         )
-        row["attention_fullres"] = float(np.mean([
-            _psnr(pil_to_tensor(out), transform(x[None])[0]) for out, (_, x) in zip(full_outputs, test, strict=True)
-        ]))
-        row.update(learn_attention_s=attention_s, learn_text_s=text_s, init=attention.instruction,
-                   best_phrase_text=best_phrase)
+        row["attention_fullres"] = float(
+            np.mean(
+                [
+                    _psnr(pil_to_tensor(out), transform(x[None])[0])
+                    for out, (_, x) in zip(full_outputs, test, strict=True)
+                ]
+            )
+        )
+        row.update(
+            learn_attention_s=attention_s,
+            learn_text_s=text_s,
+            init=attention.instruction,
+            best_phrase_text=best_phrase,
+        )
+        attention_g = attention.metadata["apply_defaults"].get("guidance_scale")
+        text_g = text.metadata["apply_defaults"].get("guidance_scale")
         rows.append(row)
         print(
             f"{name:15s} identity {row['identity']:5.2f}  best phrase {row['best_phrase']:5.2f} "
-            f"({best_phrase!r})  text {row['text']:5.2f}  attention {row['attention']:5.2f}  "
+            f"({best_phrase!r}, g {best_scale})  text {row['text']:5.2f} (g {text_g})  "
+            f"attention {row['attention']:5.2f} (g {attention_g})  "
             f"attention full-res {row['attention_fullres']:5.2f}  | learn attention {attention_s:5.1f} s, "
             f"text {text_s:5.1f} s | init {attention.instruction!r}",
             flush=True,
@@ -177,8 +209,10 @@ def main() -> None:
     print(f"attention - best phrase = {mean('attention') - mean('best_phrase'):+.2f} dB (target >= +1)")
     print(f"attention - text        = {mean('attention') - mean('text'):+.2f} dB")
     print(f"full-res - native       = {mean('attention_fullres') - mean('attention'):+.2f} dB (target >= -1)")
-    print(f"learning one category (10 pairs, default steps): mean {mean('learn_attention_s'):.1f} s, "
-          f"max {max(r['learn_attention_s'] for r in rows):.1f} s (target <= 180 s)")
+    print(
+        f"learning one category (10 pairs, default steps): mean {mean('learn_attention_s'):.1f} s, "
+        f"max {max(r['learn_attention_s'] for r in rows):.1f} s (target <= 180 s)"
+    )
 
 
 if __name__ == "__main__":

@@ -57,28 +57,44 @@ def main() -> None:
         side = int(rng.integers(160, min(photo.shape[:2]) + 1))
         top = int(rng.integers(0, photo.shape[0] - side + 1))
         left = int(rng.integers(0, photo.shape[1] - side + 1))
-        fulls.append(torch.from_numpy(photo[top : top + side, left : left + side].copy()).permute(2, 0, 1) / 255.0)
+        fulls.append(
+            torch.from_numpy(photo[top : top + side, left : left + side].copy()).permute(2, 0, 1) / 255.0
+        )
     natives = torch.cat([to_native(x[None].float(), resolution) for x in fulls])
     native_pils = [tensor_to_pil(x) for x in natives]
     natives = torch.stack([pil_to_tensor(p) for p in native_pils])  # exactly what the stock pipeline sees
     seeds = list(range(1000, 1000 + args.images))
     instruction = phrase_instruction(model, "make it warmer", "warm")
-    print(f"model {model.model_id}, {args.images} images at {resolution} px, {steps} steps, "
-          f"guidance {text_scale}/{image_scale}, threads {args.threads}")
+    print(
+        f"model {model.model_id}, {args.images} images at {resolution} px, {steps} steps, "
+        f"guidance {text_scale}/{image_scale}, threads {args.threads}"
+    )
 
     # warm-up both paths once (first calls allocate)
-    pipe(prompt_embeds=instruction.context[None], image=native_pils[0], num_inference_steps=steps,
-         guidance_scale=text_scale, image_guidance_scale=image_scale, output_type="pt")
+    pipe(
+        prompt_embeds=instruction.context[None],
+        image=native_pils[0],
+        num_inference_steps=steps,
+        guidance_scale=text_scale,
+        image_guidance_scale=image_scale,
+        output_type="pt",
+    )
     edit_native(pipe, instruction.bank(pipe), natives[:2], seeds[:2], steps, text_scale, image_scale)
 
     started = time.perf_counter()
     stock = []
     for image, seed in zip(native_pils, seeds, strict=True):
-        stock.append(pipe(
-            prompt_embeds=instruction.context[None], image=image, num_inference_steps=steps,
-            guidance_scale=text_scale, image_guidance_scale=image_scale,
-            generator=torch.Generator().manual_seed(seed), output_type="pt",
-        ).images[0])
+        stock.append(
+            pipe(
+                prompt_embeds=instruction.context[None],
+                image=image,
+                num_inference_steps=steps,
+                guidance_scale=text_scale,
+                image_guidance_scale=image_scale,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pt",
+            ).images[0]
+        )
     stock_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -87,14 +103,21 @@ def main() -> None:
     max_diff = float((ours - torch.stack(stock)).abs().max())
 
     started = time.perf_counter()
-    apply_instruction(model, instruction, [tensor_to_pil(x) for x in fulls],
-                      ApplyConfig(batch_size=args.images), seeds=seeds)
+    apply_instruction(
+        model,
+        instruction,
+        [tensor_to_pil(x) for x in fulls],
+        ApplyConfig(batch_size=args.images),
+        seeds=seeds,
+    )
     full_s = time.perf_counter() - started
 
     print(f"stock pipeline loop : {args.images / stock_s:6.2f} images/s ({stock_s:.1f} s)")
     print(f"batched (native)    : {args.images / ours_s:6.2f} images/s ({ours_s:.1f} s)")
     print(f"batched + lift      : {args.images / full_s:6.2f} images/s ({full_s:.1f} s, full resolution)")
-    print(f"throughput ratio    : {stock_s / ours_s:.2f}x native, {stock_s / full_s:.2f}x with lifting (target >= 3x)")
+    print(
+        f"throughput ratio    : {stock_s / ours_s:.2f}x native, {stock_s / full_s:.2f}x with lifting (target >= 3x)"
+    )
     print(f"max |ours - stock|  : {max_diff:.2e} (images in [0, 1])")
 
     if not args.skip_learning:
@@ -105,12 +128,16 @@ def main() -> None:
             top = int(rng.integers(0, photo.shape[0] - side + 1))
             left = int(rng.integers(0, photo.shape[1] - side + 1))
             x = torch.from_numpy(photo[top : top + side, left : left + side].copy()).permute(2, 0, 1) / 255.0
-            pairs.append(InstructionPair(f"p{i}", tensor_to_pil(x), tensor_to_pil(increase_contrast(warm(x[None]))[0])))
+            pairs.append(
+                InstructionPair(f"p{i}", tensor_to_pil(x), tensor_to_pil(increase_contrast(warm(x[None]))[0]))
+            )
         started = time.perf_counter()
         learned = learn_instruction(model, pairs, LearnConfig(), category="warm_contrast")
         learn_s = time.perf_counter() - started
-        print(f"learning one category: {learn_s:.1f} s for 10 pairs, {learned.metadata['steps']} steps "
-              f"(target <= 180 s); init {learned.instruction!r}")
+        print(
+            f"learning one category: {learn_s:.1f} s for 10 pairs, {learned.metadata['steps']} steps "
+            f"(target <= 180 s); init {learned.instruction!r}"
+        )
 
 
 if __name__ == "__main__":

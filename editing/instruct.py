@@ -45,6 +45,7 @@ from editing.instruct_ops import (
     to_native,
 )
 from editing.lift import lift_edit
+from editing.seeds import item_seed
 
 ARTIFACT_FORMAT = "catalogue-retouch/instruction"
 ARTIFACT_VERSION = 1
@@ -72,8 +73,8 @@ class LearnConfig(BaseModel):
     """Learning settings. Steps, lr and batch are ours (the paper gives none); groups, r, eta its."""
 
     space: Literal["attention", "text"] = Field("attention", description="what is optimised")
-    steps: int = Field(200, ge=0, description="optimisation steps (same budget for both spaces)")
-    lr: float = Field(5e-3, gt=0, description="Adam learning rate")
+    steps: int = Field(400, ge=0, description="optimisation steps (same budget for both spaces)")
+    lr: float = Field(2e-2, gt=0, description="Adam learning rate (issue 4 sweep: 1e-2..3e-2 equal)")
     batch_size: int = Field(4, ge=1, description="pairs per step, each at its own random timestep")
     time_groups: int = Field(5, ge=1, description="time-aware K/V sets (attention space; paper: 5)")
     holdout_pairs: int = Field(2, ge=0, description="pairs held aside to choose the best checkpoint")
@@ -86,11 +87,17 @@ class LearnConfig(BaseModel):
         None, description="skip the phrase search and start from this instruction"
     )
     init: InitConfig = Field(default_factory=InitConfig)
+    guidance_candidates: tuple[float, ...] = Field(
+        (1.0, 1.5, 2.0),
+        description="text guidance scales tried after learning; the one with the best PSNR on the "
+        "exemplar pairs becomes the instruction's default (empty: keep the model's default)",
+    )
     progress: bool = Field(True, description="show a progress bar")
 
 
 class ApplyConfig(BaseModel):
-    """Application settings; None takes the model's edits.json defaults (else IP2P's)."""
+    """Application settings; None takes the instruction's learned defaults (guidance chosen on its
+    exemplar pairs), then the model's edits.json defaults (else IP2P's)."""
 
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, description="text guidance scale")
@@ -279,6 +286,8 @@ def learn_instruction(
         for name, param in unet.named_parameters():
             param.requires_grad_(requires_grad[name])
 
+    apply_defaults = _choose_guidance(model, bank, best_tensors, before, after, config, category)
+
     metadata = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,
@@ -305,6 +314,7 @@ def learn_instruction(
         "best_loss": round(best_loss, 6),
         "best_step": best_step,
         "loss_log": log,
+        "apply_defaults": apply_defaults,
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
     return LearnedInstruction(
@@ -319,6 +329,44 @@ def learn_instruction(
         model_sha256=model.sha256,
         metadata=metadata,
     )
+
+
+def _psnr(a: Tensor, b: Tensor) -> float:
+    return float(10 * torch.log10(1 / ((a - b) ** 2).mean().clamp_min(1e-10)))
+
+
+def _choose_guidance(
+    model,
+    bank: InstructionKV,
+    tensors: dict[str, Tensor],
+    before: Tensor,
+    after: Tensor,
+    config: LearnConfig,
+    category: str,
+) -> dict:
+    """Text guidance scale for this instruction: the candidate whose edits of the exemplar befores
+    come closest (PSNR) to their afters, at the model's default steps and image guidance. A learned
+    instruction can want more (or less) amplification than the model's default; choosing it on the
+    exemplars keeps test images out of the choice."""
+    if not config.guidance_candidates:
+        return {}
+    pipe = model.pipe
+    steps, default_text, image_scale = _resolve_apply(ApplyConfig(), model.spec)
+    bank.load_named_tensors(tensors)
+    bank.freeze()
+    seeds = [item_seed("guidance", i, category) for i in range(before.shape[0])]
+    scores = {}
+    for scale in config.guidance_candidates:
+        edited = edit_native(pipe, bank, before, seeds, steps, scale, image_scale)
+        scores[scale] = sum(_psnr(e, a) for e, a in zip(edited, after, strict=True)) / len(seeds)
+    best = max(scores, key=scores.get)
+    return {
+        "guidance_scale": float(best),
+        "image_guidance_scale": float(image_scale),
+        "num_inference_steps": steps,
+        "guidance_psnr": {str(k): round(v, 3) for k, v in scores.items()},
+        "model_default_guidance_scale": default_text,
+    }
 
 
 def phrase_instruction(model, text: str, category: str = "") -> LearnedInstruction:
@@ -341,8 +389,17 @@ def phrase_instruction(model, text: str, category: str = "") -> LearnedInstructi
     )
 
 
-def _resolve_apply(config: ApplyConfig, spec: dict | None) -> tuple[int, float, float]:
-    defaults = (spec or {}).get("defaults", {})
+def _resolve_apply(
+    config: ApplyConfig, spec: dict | None, learned: dict | None = None
+) -> tuple[int, float, float]:
+    defaults = {
+        **(spec or {}).get("defaults", {}),
+        **{
+            k: v
+            for k, v in (learned or {}).items()
+            if k in {"num_inference_steps", "guidance_scale", "image_guidance_scale"}
+        },
+    }
     steps = config.num_inference_steps or int(defaults.get("num_inference_steps", 20))
     text = (
         config.guidance_scale
@@ -395,7 +452,9 @@ def edit_native(
             step_kwargs["eta"] = 0.0
         if "generator" in step_params:
             step_kwargs["generator"] = generators
-        state = InjectionState(num_groups=bank.num_groups, num_train_timesteps=scheduler.config.num_train_timesteps)
+        state = InjectionState(
+            num_groups=bank.num_groups, num_train_timesteps=scheduler.config.num_train_timesteps
+        )
         state.instruction_rows = torch.arange(chunks * batch, device=device) < batch
         placeholder = bank.context.unsqueeze(0).expand(chunks * batch, -1, -1)
         with instruction_processors(unet, bank, state):
@@ -404,7 +463,9 @@ def edit_native(
                 output = unet(torch.cat([model_input, conditioning], dim=1), t, placeholder).sample
                 if guided_rows:
                     text, image, uncond = output.chunk(3)
-                    output = uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
+                    output = (
+                        uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
+                    )
                 latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
         decoded = vae.decode(latents / vae.config.scaling_factor).sample
     return (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()
@@ -432,7 +493,9 @@ def apply_instruction(
             _mismatch_message(instruction.metadata, instruction.model_id, instruction.model_sha256, model)
         )
     pipe = model.pipe
-    steps, text_scale, image_scale = _resolve_apply(config, model.spec)
+    steps, text_scale, image_scale = _resolve_apply(
+        config, model.spec, instruction.metadata.get("apply_defaults")
+    )
     resolution = _native_resolution(pipe, model.spec)
     bank = instruction.bank(pipe)
     outputs: list[Image.Image] = []

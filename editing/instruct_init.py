@@ -10,7 +10,9 @@ after -> before.
 Normalisation (the paper's is unknown): a phrase's score is the relative reduction of the
 denoising loss against the empty instruction, (L_empty - L_phrase) / L_empty, averaged over the
 pairs at fixed timesteps with fixed noise. 0 means the phrase explains nothing, 1 that it explains
-all of the loss; eta = 0.15 therefore asks a phrase to remove at least 15% of the loss. A CLIP
+all of the loss; eta = 0.15 therefore asks a phrase to remove at least 15% of the loss. When no
+phrase passes, we start from the top-1 phrase, not the paper's empty "None" instruction (see
+`choose_initialisation`). A CLIP
 scorer should map its similarity differences to the same kind of range (e.g. divide by the largest
 difference) before the threshold applies.
 """
@@ -72,10 +74,10 @@ class InitConfig(BaseModel):
     after_only_template: str = Field(
         "{after}", description="used when no before-phrase passes: the after-phrases as an instruction"
     )
-    fallback: str = Field(
-        "retouch the photo",
-        description="neutral instruction when no after-phrase passes; the paper's 'None' instruction, "
-        "but with tokens whose K/V can still be learned",
+    fallback: str | None = Field(
+        None,
+        description="instruction when no after-phrase passes the threshold; None = the top-1 scored "
+        "after-phrase (deviation from the paper's 'None' instruction, see module docstring)",
     )
     phrases: list[str] | None = Field(
         None, description="candidate phrases; None = the shipped bank plus the model's own phrasings"
@@ -159,7 +161,15 @@ def choose_initialisation(phrases: Sequence[str], scores: PhraseScores, config: 
     before = _top(phrases, scores.before, config)
     after = _top(phrases, scores.after, config)
     if not after:
-        instruction = config.fallback
+        # Deviation from the paper (which falls back to the empty "None" instruction): our scores
+        # are relative loss reductions of a small x0-prediction model, where even the right edit's
+        # phrase rarely removes 15% of the loss, so the threshold often rejects everything. The
+        # top-1 phrase still lowers the loss most, so learning starts from the best phrase rather
+        # than from a neutral one it then has to unlearn.
+        top = int(torch.argmax(scores.after))
+        instruction = config.fallback if config.fallback is not None else phrases[top]
+        if config.fallback is None:
+            after = [phrases[top]]
     elif not before:
         instruction = config.after_only_template.format(after=", ".join(after))
     else:

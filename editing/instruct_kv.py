@@ -7,8 +7,13 @@ those K/V (or, for the VISII-style text-space baseline, the token embeddings the
 from), the attention processor that substitutes them, and the shared per-call state (which rows
 carry the instruction, which time group each row is in).
 
-Layout: row 0 of the 77-token context is BOS, rows 1..m the instruction tokens that learn, rows
-m+1.. the EOS/padding rows, which stay at the projections of the initial instruction.
+Layout: row 0 of the 77-token context is BOS, rows 1..m the instruction tokens, rows m+1.. the
+EOS/padding rows. In the attention space every row the UNet attends to learns (all 77, per time
+group), initialised from the projections of the initial instruction: CLIP's text encoder is
+causal, so the EOS/padding rows carry the whole sentence, and when only rows 1..m learned, the
+attention mass on the frozen EOS/padding rows (still saying the initial phrase) drowned the learned
+rows (issue 4 measurement: attention space barely beat identity). The text space (VISII) keeps
+VISII's rule: only rows 1..m learn.
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ class InjectionState:
 class InstructionKV(nn.Module):
     """Per-layer instruction K/V for one instruction, learnable in the attention or the text space.
 
-    attention space: parameters `keys[i]`, `values[i]` of shape (groups, m, d_i), one pair per
-        cross-attention layer i, initialised from the projections of the initial instruction.
+    attention space: parameters `keys[i]`, `values[i]` of shape (groups, 77, d_i), one pair per
+        cross-attention layer i (every context row, BOS and EOS/padding included), initialised from
+        the projections of the initial instruction.
     text space: one parameter `tokens` (m, D), the encoder output rows of the instruction tokens;
         every layer projects them with its own frozen to_k/to_v (VISII's parametrisation).
     """
@@ -102,10 +108,10 @@ class InstructionKV(nn.Module):
         rows = slice(1, 1 + num_tokens)
         if space == "attention":
             self.keys = nn.ParameterList(
-                nn.Parameter(k[rows].unsqueeze(0).repeat(num_groups, 1, 1)) for k, _ in base
+                nn.Parameter(k.unsqueeze(0).repeat(num_groups, 1, 1)) for k, _ in base
             )
             self.values = nn.ParameterList(
-                nn.Parameter(v[rows].unsqueeze(0).repeat(num_groups, 1, 1)) for _, v in base
+                nn.Parameter(v.unsqueeze(0).repeat(num_groups, 1, 1)) for _, v in base
             )
         else:
             self.tokens = nn.Parameter(context[rows].detach().clone())
@@ -117,20 +123,11 @@ class InstructionKV(nn.Module):
 
     def _instruction_kv(self, index: int) -> tuple[Tensor, Tensor]:
         """(groups, 77, d) keys and values of the instruction for layer `index`."""
-        m = self.num_tokens
         if self.space == "text":
             attn = self._layers[self.layer_names[index]]
             context = self.learned_context()
             return attn.to_k(context).unsqueeze(0), attn.to_v(context).unsqueeze(0)
-        base_k, base_v = self._base[index]
-        groups = self.num_groups
-        keys = torch.cat(
-            [base_k[:1].expand(groups, -1, -1), self.keys[index], base_k[1 + m :].expand(groups, -1, -1)], 1
-        )
-        values = torch.cat(
-            [base_v[:1].expand(groups, -1, -1), self.values[index], base_v[1 + m :].expand(groups, -1, -1)], 1
-        )
-        return keys, values
+        return self.keys[index], self.values[index]
 
     def freeze(self) -> None:
         """Compute every layer's instruction K/V once; application then never recomputes them."""

@@ -16,6 +16,7 @@ from editing.instruct import (
     InstructionModelMismatch,
     InstructionPair,
     LearnConfig,
+    _resolve_apply,
     apply_instruction,
     edit_native,
     learn_instruction,
@@ -53,14 +54,18 @@ def pairs() -> list[InstructionPair]:
     out = []
     for i in range(4):
         before = _image(i)
-        after = Image.fromarray((np.asarray(before) * np.array([1.1, 1.0, 0.8])).clip(0, 255).astype(np.uint8))
+        after = Image.fromarray(
+            (np.asarray(before) * np.array([1.1, 1.0, 0.8])).clip(0, 255).astype(np.uint8)
+        )
         out.append(InstructionPair(f"pair{i}", before, after, sha256=f"{i:064x}"))
     return out
 
 
 @pytest.fixture(scope="module")
 def learned(model, pairs):
-    return learn_instruction(model, pairs, LearnConfig(init_instruction="make it warmer", **FAST), category="warm")
+    return learn_instruction(
+        model, pairs, LearnConfig(init_instruction="make it warmer", **FAST), category="warm"
+    )
 
 
 def _bank(model, text: str = "make it warmer", space: str = "attention", groups: int = 5) -> InstructionKV:
@@ -98,7 +103,9 @@ def test_initial_kv_reproduce_the_stock_processor(model) -> None:
         for space, groups in (("attention", 5), ("text", 1)):
             bank = _bank(model, space=space, groups=groups)
             with instruction_processors(unet, bank, InjectionState(groups, 1000)):
-                injected = unet(sample, torch.tensor([100, 900]), torch.zeros_like(context).expand(2, -1, -1)).sample
+                injected = unet(
+                    sample, torch.tensor([100, 900]), torch.zeros_like(context).expand(2, -1, -1)
+                ).sample
             reference = unet(sample, torch.tensor([100, 900]), context.expand(2, -1, -1)).sample
             assert torch.allclose(injected, reference, atol=1e-5), space
     assert stock.shape == (2, 4, 16, 16)
@@ -121,6 +128,12 @@ def test_gradients_reach_only_the_instruction_and_the_unet_is_unchanged(model, p
     # time-aware: rows at t=50 and t=950 touch groups 0 and 4 only
     touched = bank.keys[0].grad.abs().flatten(1).sum(1) > 0
     assert touched.tolist() == [True, False, False, False, True]
+    # every context row learns in the attention space, EOS/padding included (CLIP is causal: those
+    # rows carry the sentence, and frozen they would keep saying the initial phrase)
+    assert bank.keys[0].shape[1] == 77
+    rows = bank.keys[0].grad[0].abs().sum(-1) > 0
+    eos = 1 + bank.num_tokens
+    assert rows[eos:].all() and rows[1:eos].all()
 
     learn_instruction(model, pairs, LearnConfig(init_instruction="make it warmer", **FAST))
     assert all(torch.equal(v, unet.state_dict()[k]) for k, v in weights.items())
@@ -133,7 +146,9 @@ def test_time_groups_split_the_training_timesteps_evenly() -> None:
 
 
 def test_seeded_learning_is_reproducible(model, pairs, learned) -> None:
-    again = learn_instruction(model, pairs, LearnConfig(init_instruction="make it warmer", **FAST), category="warm")
+    again = learn_instruction(
+        model, pairs, LearnConfig(init_instruction="make it warmer", **FAST), category="warm"
+    )
     other = learn_instruction(
         model, pairs, LearnConfig(init_instruction="make it warmer", **{**FAST, "seed": 1}), category="warm"
     )
@@ -150,10 +165,29 @@ def test_learning_records_the_loss_log_and_holds_pairs_aside(learned) -> None:
     assert meta["best_loss"] == min(entry["eval_loss"] for entry in meta["loss_log"])
     keys = [v for k, v in learned.tensors.items() if k.startswith("keys/")]
     assert keys and all(v.shape[0] == 5 for v in keys)  # one K set per time group
+    assert all(v.shape[1] == 77 for v in keys)  # every context row
+
+
+def test_learning_chooses_the_guidance_on_the_exemplars_and_apply_uses_it(model, pairs, learned) -> None:
+    chosen = learned.metadata["apply_defaults"]
+    assert chosen["guidance_scale"] in LearnConfig().guidance_candidates
+    assert set(chosen["guidance_psnr"]) == {str(g) for g in LearnConfig().guidance_candidates}
+    best = max(chosen["guidance_psnr"], key=chosen["guidance_psnr"].get)
+    assert float(best) == chosen["guidance_scale"]
+    # apply: explicit config > the instruction's learned default > the model's defaults
+    assert _resolve_apply(ApplyConfig(), model.spec, chosen)[1] == chosen["guidance_scale"]
+    assert _resolve_apply(ApplyConfig(guidance_scale=4.0), model.spec, chosen)[1] == 4.0
+    assert _resolve_apply(ApplyConfig(), model.spec, {}) == _resolve_apply(ApplyConfig(), model.spec)
+    none = learn_instruction(
+        model, pairs, LearnConfig(init_instruction="make it warmer", guidance_candidates=(), **FAST)
+    )
+    assert none.metadata["apply_defaults"] == {}
 
 
 def test_text_space_learns_token_embeddings(model, pairs) -> None:
-    text = learn_instruction(model, pairs, LearnConfig(space="text", init_instruction="make it warmer", **FAST))
+    text = learn_instruction(
+        model, pairs, LearnConfig(space="text", init_instruction="make it warmer", **FAST)
+    )
     assert list(text.tensors) == ["tokens"]
     assert text.tensors["tokens"].shape == (count_instruction_tokens(model.pipe, "make it warmer"), 32)
     assert text.num_groups == 1
@@ -179,7 +213,9 @@ def test_artifact_round_trip_keeps_tensors_and_metadata(model, pairs, learned) -
 def test_loading_on_another_model_is_refused(model, learned) -> None:
     data, meta = save_instruction(learned)
     other = dataclasses.replace(model, sha256="f" * 64, model_id="another-model")
-    with pytest.raises(InstructionModelMismatch, match="was learned on model 'tiny-ip2p'.*loaded model is 'another-model'"):
+    with pytest.raises(
+        InstructionModelMismatch, match="was learned on model 'tiny-ip2p'.*loaded model is 'another-model'"
+    ):
         load_instruction(data, meta, other)
     with pytest.raises(InstructionModelMismatch):
         apply_instruction(other, learned, [_image(0)])
@@ -224,8 +260,13 @@ def test_batched_text_path_matches_the_stock_pipeline(model, text_scale: float, 
     ours = edit_native(pipe, instruction.bank(pipe), sources, seeds, 4, text_scale, image_scale)
     for image, seed, mine in zip(images, seeds, ours, strict=True):
         stock = pipe(
-            prompt_embeds=instruction.context[None], image=image, num_inference_steps=4,
-            guidance_scale=text_scale, image_guidance_scale=image_scale, generator=torch.Generator().manual_seed(seed), output_type="pt",
+            prompt_embeds=instruction.context[None],
+            image=image,
+            num_inference_steps=4,
+            guidance_scale=text_scale,
+            image_guidance_scale=image_scale,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
         ).images[0]
         assert torch.allclose(mine, stock, atol=2e-4)
 
@@ -244,8 +285,12 @@ def test_initialisation_takes_top_r_above_threshold_with_the_template() -> None:
 
     only_after = PhraseScores(before=torch.zeros(7), after=scores.after)
     assert choose_initialisation(phrases, only_after, config).instruction == "warm, bright"
-    nothing = PhraseScores(before=scores.before, after=torch.full((7,), 0.1))
-    assert choose_initialisation(phrases, nothing, config).instruction == config.fallback
+    nothing = PhraseScores(before=scores.before, after=torch.tensor([0.0, 0.02, 0.0, 0.1, 0.05, 0.0, 0.0]))
+    fallen = choose_initialisation(phrases, nothing, config)
+    assert fallen.instruction == "bright"  # no phrase passes eta: the top-1 phrase, not 'None'
+    assert fallen.after_phrases == ["bright"]
+    fixed = InitConfig(top_r=2, fallback="retouch the photo")
+    assert choose_initialisation(phrases, nothing, fixed).instruction == "retouch the photo"
 
 
 class _FixedScorer:
@@ -264,7 +309,9 @@ def test_pluggable_scorer_drives_the_initialisation(model, pairs) -> None:
 
 
 def test_default_scorer_scores_every_phrase_on_both_sides(model, pairs) -> None:
-    config = LearnConfig(init=InitConfig(phrases=["make it cooler", "make it warmer"], threshold=-1.0), **FAST)
+    config = LearnConfig(
+        init=InitConfig(phrases=["make it cooler", "make it warmer"], threshold=-1.0), **FAST
+    )
     learned = learn_instruction(model, pairs, config)
     init = learned.metadata["init"]
     assert set(init["scores"]) == {"make it cooler", "make it warmer"}
