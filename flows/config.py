@@ -35,7 +35,7 @@ class LearnConfig(_Config):
         "attention", description="What is optimised: per-layer attention keys/values (InstructBrush) or "
         "the instruction's text embedding (VISII-style baseline).",
     )
-    lr: float = Field(5e-3, gt=0, le=1.0, description="Adam learning rate.")
+    lr: float = Field(2e-2, gt=0, le=1.0, description="Adam learning rate (the method's default).")
     batch_size: int = Field(4, ge=1, le=256, description="Exemplar pairs per optimisation step.")
     time_groups: int = Field(5, ge=1, le=50, description="Time-aware K/V sets (attention space).")
     seed: int = Field(0, ge=0, description="Seed of the optimisation (timesteps, noise, held-out split).")
