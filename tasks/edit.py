@@ -68,14 +68,18 @@ def partition_summary(partition: str, rows: list[dict], duration_s: float) -> di
 
 def edit_category(job: PartitionJob, category: str, items: list[dict]) -> list[dict]:
     """Manifest rows of one category's items in this partition; a bad image costs one error row."""
+    bad_rows = [error_row(job, item, "invalid_key", item["index_error"]) for item in items if item.get("index_error")]
+    items = [item for item in items if not item.get("index_error")]
+    if not items:
+        return bad_rows
     record = job.instructions.get(category)
     if record is None or record.get("status") != "ok":
         reason = (record or {}).get("reason", f"no exemplars for category {category!r}")
-        return [error_row(job, item, "no_instruction", reason) for item in items]
+        return bad_rows + [error_row(job, item, "no_instruction", reason) for item in items]
     store, out = open_store(job.store_uri), open_store(job.output_uri)
     model = cached_model(job.model_uri, job.device)
     instruction = cached_instruction(out, record, model)
-    rows = []
+    rows = bad_rows
     # Batch by batch, so a partition of large photos never holds more than one batch in memory.
     for start in range(0, len(items), job.apply.batch_size):
         loaded = []
@@ -129,7 +133,9 @@ def error_row(job: PartitionJob, item: dict, code: str, message: str) -> dict:
     """The row of an item that could not be edited; the rest of the partition goes on."""
     get_run_logger().warning("%s (%s): %s", item["image_id"], code, message)
     store = open_store(job.store_uri)
-    return manifest_row(**_identity(job, item), source_uri=store.uri_for(item["key"]), params=_params(job),
+    # A path-like key has no URI in the store; record it as given so the row still names it.
+    source_uri = item["key"] if item.get("index_error") else store.uri_for(item["key"])
+    return manifest_row(**_identity(job, item), source_uri=source_uri, params=_params(job),
                         seed=item_seed(job.run_id, item["image_id"], item["category"]),
                         qc_status="error", error_code=code, error=message)
 

@@ -54,12 +54,13 @@ def validate_exemplars(store_uri: str, category: str) -> dict:
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def catalogue_partitions(store_uri: str, wanted: list[str] | None) -> dict[str, list[dict]]:
-    """partition -> its items (image_id, key, category), sorted, so every run splits work identically."""
+    """partition -> its items (image_id, key, category, index_error), sorted, so every run splits work
+    identically; a row with a bad key keeps its place and becomes an error row downstream."""
     index = read_catalogue_index(open_store(store_uri))
     if wanted is not None:
         index = index[index["category"].isin(wanted)]
     index = index.sort_values(["partition", "image_id"])
     return {
-        str(partition): rows[["image_id", "key", "category"]].to_dict("records")
+        str(partition): rows[["image_id", "key", "category", "index_error"]].to_dict("records")
         for partition, rows in index.groupby("partition", sort=True)
     }

@@ -125,6 +125,10 @@ def add_bad_inputs(store: Store, index: pd.DataFrame) -> tuple[pd.DataFrame, dic
         }
     )
     expected["bad-missing"] = "not_found"
+    # Path-like keys: each must cost its own row, never the run (and never reach outside the root).
+    for image_id, key in (("bad-dotdot", "catalogue/../../etc/passwd"), ("bad-absolute", "/etc/passwd")):
+        rows.append({"image_id": image_id, "key": key, "category": "warm", "partition": "p1"})
+        expected[image_id] = "invalid_key"
     # Exemplars: a pair with different sizes, a pair without its after-image, a stray nested key.
     before = photo(2000)
     store.put_bytes("exemplars/warm/pair-sizes/before.png", encoded(before))
@@ -132,7 +136,10 @@ def add_bad_inputs(store: Store, index: pd.DataFrame) -> tuple[pd.DataFrame, dic
     store.put_bytes("exemplars/warm/pair-nohalf/before.png", encoded(before))
     store.put_bytes("exemplars/matte/pair-0/extra/before.png", encoded(before))
     out = pd.concat([index, pd.DataFrame(rows)], ignore_index=True)
-    write_catalogue_index(store, out)
+    # write_catalogue_index refuses path-like keys, as it should; a shop's own index may still hold one.
+    buf = io.BytesIO()
+    out.to_parquet(buf, index=False)
+    store.put_bytes("catalogue/index.parquet", buf.getvalue())
     return out, expected
 
 

@@ -24,7 +24,6 @@ from prefect.settings import PREFECT_API_URL
 from editing.instruct import InstructionIntegrityError, InstructionModelMismatch, load_instruction
 from editing.models import load_model
 from flows.refresh import catalogue_refresh
-from storage.layout import CatalogueIndexError
 from storage.store import open_store
 from tasks.edit import done_key
 from tasks.ingest import catalogue_partitions, validate_exemplars
@@ -172,11 +171,6 @@ def _assert_tampered_instructions_refused(store, tiny_model: str, tmp_path: Path
         load_instruction(data, metadata, other)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CatalogueIndexError,
-    reason="storage refuses the whole catalogue index for one path-like key; issue 7 wants an error row",
-)
 def test_path_like_key_in_the_index_costs_one_row_not_the_run(tmp_path) -> None:
     store = open_store(str(tmp_path))
     index = build_shop(store, partitions=1, per_partition=2)
