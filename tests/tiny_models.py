@@ -96,7 +96,13 @@ def _components(in_channels: int, seed: int, tmp: Path) -> dict:
         clip_sample=False,
         set_alpha_to_one=False,
     )
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
 
 
 def build_tiny_ip2p(folder: Path, seed: int = 0) -> Path:
