@@ -22,8 +22,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
-from editing.p2p import p2p_controller
-from editing.text_edit import TextEditResult, run_text_edit
+from editing.p2p import ddim_p2p_edit
+from editing.text_edit import TextEditResult
 
 
 def siminversion_edit(
@@ -44,26 +44,19 @@ def siminversion_edit(
 ) -> TextEditResult:
     """Edit (B, 3, h, w) images in [0, 1] at the model's resolution from `source_prompt` to
     `target_prompt`; with w_inv=1, w_src=w_tgt=7.5 this is exactly `ddim_p2p_edit`."""
-    return run_text_edit(
+    # SimInversion is DDIM+P2P with the guidance of the inversion and of the source branch
+    # disentangled from the target's; only the defaults differ.
+    return ddim_p2p_edit(
         pipe,
         image=image,
         source_prompt=source_prompt,
         target_prompt=target_prompt,
-        inversion_prompt=source_prompt,
         num_inference_steps=num_inference_steps,
         w_inv=w_inv,
         w_src=w_src,
         w_tgt=w_tgt,
-        make_controller=lambda latent_tokens: p2p_controller(
-            pipe,
-            source_prompt,
-            target_prompt,
-            num_inference_steps,
-            latent_tokens,
-            cross_replace_steps,
-            self_replace_steps,
-        ),
-        drive_source=False,
+        cross_replace_steps=cross_replace_steps,
+        self_replace_steps=self_replace_steps,
         generator=generator,
         device=device,
         dtype=dtype,
