@@ -38,6 +38,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-learning", action="store_true")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="text guidance scale (default: the model's); learned instructions may default to > 1, "
+        "which runs the 3-row dual guidance",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -47,7 +54,7 @@ def main() -> None:
     defaults = (model.spec or {}).get("defaults", {})
     resolution = int((model.spec or {}).get("resolution") or 64)
     steps = int(defaults.get("num_inference_steps", 20))
-    text_scale = float(defaults.get("guidance_scale", 7.5))
+    text_scale = args.guidance if args.guidance is not None else float(defaults.get("guidance_scale", 7.5))
     image_scale = float(defaults.get("image_guidance_scale", 1.5))
     rng = np.random.default_rng(0)
     photos = list(sample_photos("heldout").values())
