@@ -279,8 +279,8 @@ def expire_overdue_reviews(store_uri: str, now: datetime | None = None) -> list[
     """Mark pending rows `expired` for every run whose review deadline has passed; returns run ids.
 
     A suspended run that nobody resumes is failed by the Prefect server at the deadline, with no
-    process left to update the manifest; this sweep (run by `retouch review expire`, `retouch review
-    list` and every new review) records the outcome. Nothing is published.
+    process left to update the manifest; this sweep (run by `retouch review expire STORE`, for example
+    on a schedule) records the outcome. Nothing is published.
     """
     store = open_store(store_uri)
     now = now or datetime.now(UTC)
