@@ -105,40 +105,26 @@ def _components(in_channels: int, seed: int, tmp: Path) -> dict:
     }
 
 
-def build_tiny_ip2p(folder: Path, seed: int = 0) -> Path:
-    """Save a random InstructPix2Pix-format folder (8-channel UNet) with an edits.json."""
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        **_components(8, seed, folder.parent),
+def _save(pipeline_cls, in_channels: int, folder: Path, seed: int, spec: dict) -> Path:
+    pipe = pipeline_cls(
+        **_components(in_channels, seed, folder.parent),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    spec = {
-        "model": folder.name,
-        "resolution": RESOLUTION,
-        "defaults": {"num_inference_steps": 4, "guidance_scale": 3.0, "image_guidance_scale": 1.5},
-        "edits": [],
-    }
+    spec = {"model": folder.name, "resolution": RESOLUTION, **spec, "edits": []}
     (folder / "edits.json").write_text(json.dumps(spec, indent=2))
     return folder
+
+
+def build_tiny_ip2p(folder: Path, seed: int = 0) -> Path:
+    """Save a random InstructPix2Pix-format folder (8-channel UNet) with an edits.json."""
+    defaults = {"num_inference_steps": 4, "guidance_scale": 3.0, "image_guidance_scale": 1.5}
+    return _save(StableDiffusionInstructPix2PixPipeline, 8, folder, seed, {"defaults": defaults})
 
 
 def build_tiny_t2i(folder: Path, seed: int = 0) -> Path:
     """Save a random Stable-Diffusion-format folder (4-channel UNet) with an edits.json."""
-    pipe = StableDiffusionPipeline(
-        **_components(4, seed, folder.parent),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    spec = {
-        "model": folder.name,
-        "resolution": RESOLUTION,
-        "defaults": {"num_inference_steps": 4, "guidance_scale": 3.0, "image_guidance_scale": 1.0},
-        "base_caption": "a photo",
-        "edits": [],
-    }
-    (folder / "edits.json").write_text(json.dumps(spec, indent=2))
-    return folder
+    defaults = {"num_inference_steps": 4, "guidance_scale": 3.0, "image_guidance_scale": 1.0}
+    return _save(StableDiffusionPipeline, 4, folder, seed, {"defaults": defaults, "base_caption": "a photo"})
