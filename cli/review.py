@@ -197,5 +197,11 @@ def expire_cmd(
     store: Annotated[str, typer.Argument(help="Manifest root (local path or s3://bucket/prefix).")],
 ) -> None:
     """Record `expired` for runs whose review deadline passed (suspended runs the server timed out)."""
-    swept = expire_overdue_reviews(store, datetime.now(UTC))
-    typer.echo(f"expired pending items of {len(swept)} run(s): {', '.join(swept) or '-'}")
+    try:
+        swept = expire_overdue_reviews(store, datetime.now(UTC))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"expired pending items of {len(swept['expired'])} run(s): {', '.join(swept['expired']) or '-'}")
+    if swept["still_running"]:
+        typer.echo(f"past the deadline but still running (left alone): {', '.join(swept['still_running'])}")

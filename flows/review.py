@@ -3,8 +3,14 @@
 `review_and_publish` runs inside `catalogue_refresh` (flow level: Prefect cannot pause a task). It
 asks for a `ReviewDecision` until every pending row has a verdict or the deadline passes, then
 publishes per partition. Under a deployment it suspends instead of pausing, so no worker waits
-overnight; on resume the flow re-runs from the top, the partition completion markers make the
-edits a skip, and the rows already decided stay decided.
+overnight; on resume the flow re-runs from the top, the upstream work comes back cached, and the
+rows already decided stay decided.
+
+Every decision is written to the store (`review/run=<run_id>/decisions/`) before anything is
+published, so a process killed while publishing loses nothing: the next run of the same run id
+replays the recorded decisions onto the rows still pending before it asks anyone again.
+
+`expire_reviews` is the hourly sweep for suspended runs nobody answered (deployments/prefect.yaml).
 """
 
 from __future__ import annotations
@@ -13,8 +19,15 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from prefect import get_client, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
@@ -189,9 +202,10 @@ def _resume_after_timeout() -> None:
         client.set_flow_run_state(ctx.flow_run.id, Running(message="Review timed out"), force=True)
 
 
-def _apply(store_uri: str, run_id: str, partitions: list[str], outcome: str, decision: dict | None) -> dict:
+def _apply(
+    store_uri: str, run_id: str, partitions: list[str], outcome: str, decision: dict | None, reviewed_at: str
+) -> dict:
     """Decide and publish partition by partition; returns summed publish counts."""
-    reviewed_at = datetime.now(UTC).isoformat()
     reviewer = (decision or {}).get("reviewer")
     futures = []
     for partition in partitions:
@@ -220,6 +234,43 @@ def gate_key(run_id: str) -> str:
     return join_key("review", f"run={run_id}", "gate.json")
 
 
+def decision_key(run_id: str, flow_run_id: str, round_no: int) -> str:
+    return join_key("review", f"run={run_id}", "decisions", f"{flow_run_id}-{round_no:03d}.json")
+
+
+def record_decision(store_uri: str, run_id: str, round_no: int, decision: dict) -> dict:
+    """Keep a decision in the store before acting on it; returns the record that is kept.
+
+    The key is fixed per flow run and round, and the first write wins: a round replayed by a resumed
+    or retried flow run keeps the original record and its `decided_at`, which every row it decides
+    gets as `reviewed_at`.
+    """
+    ctx = FlowRunContext.get()
+    flow_run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else "no-flow-run"
+    store = open_store(store_uri)
+    key = decision_key(run_id, flow_run_id, round_no)
+    record = {"flow_run_id": flow_run_id, "round": round_no, "decided_at": datetime.now(UTC).isoformat(),
+              "decision": decision}
+    store.create_if_absent(key, json.dumps(record, sort_keys=True).encode())
+    return json.loads(store.get_bytes(key))
+
+
+def recorded_decisions(store_uri: str, run_id: str) -> list[dict]:
+    """The run's recorded decisions, oldest first."""
+    store = open_store(store_uri)
+    prefix = join_key("review", f"run={run_id}", "decisions") + "/"
+    records = []
+    for key in store.list(prefix):
+        try:
+            record = json.loads(store.get_bytes(key))
+            ReviewDecision(**record["decision"])
+            datetime.fromisoformat(record["decided_at"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"run {run_id}: unreadable review decision {store.uri_for(key)}: {exc}") from None
+        records.append(record)
+    return sorted(records, key=lambda r: r["decided_at"])
+
+
 def review_and_publish(store_uri: str, run_id: str, config: ReviewConfig) -> dict:
     """Gate the run's pending manifest rows and publish what is approved; returns a summary.
 
@@ -234,11 +285,23 @@ def review_and_publish(store_uri: str, run_id: str, config: ReviewConfig) -> dic
         outcome = "nothing_pending"
     elif config.policy == "auto_approve_passing":
         decision = {"reviewer": AUTO_REVIEWER, "approve_all_passing": True}
-        published = _apply(store_uri, run_id, summary["partitions"], "decision", decision)
+        published = _apply(
+            store_uri, run_id, summary["partitions"], "decision", decision, datetime.now(UTC).isoformat()
+        )
         result["reviewers"].append(AUTO_REVIEWER)
     else:
         _tag_flow_run(run_id)
         deadline = review_deadline(store_uri, run_id, config.timeout_s)
+        # A run killed while publishing left rows pending that a reviewer already decided.
+        for record in recorded_decisions(store_uri, run_id):
+            if summary["total"] == 0:
+                break
+            decision = record["decision"]
+            logger.info("run %s: replaying the decision by %s of %s", run_id, decision["reviewer"],
+                        record["decided_at"])
+            replayed = _apply(store_uri, run_id, summary["partitions"], "decision", decision, record["decided_at"])
+            published = _add(published, replayed)
+            summary = summarise_pending(store_uri, run_id)
         round_no = 0
         while summary["total"] > 0:
             round_no += 1
@@ -251,18 +314,19 @@ def review_and_publish(store_uri: str, run_id: str, config: ReviewConfig) -> dic
                 decision = _stored_decision(round_no)
             if decision is None:
                 logger.warning("run %s: review timed out; %d items expire", run_id, summary["total"])
-                _apply(store_uri, run_id, summary["partitions"], "timeout", None)
+                _apply(store_uri, run_id, summary["partitions"], "timeout", None, datetime.now(UTC).isoformat())
                 outcome = "expired"
                 break
             logger.info("run %s: decision by %s: %s", run_id, decision.reviewer, decision.comment)
-            result["reviewers"].append(decision.reviewer)
-            if decision.comment:
-                result["comments"].append(decision.comment)
+            record = record_decision(store_uri, run_id, round_no, decision.model_dump(mode="json"))
             decided = _apply(
-                store_uri, run_id, summary["partitions"], "decision", decision.model_dump(mode="json")
+                store_uri, run_id, summary["partitions"], "decision", record["decision"], record["decided_at"]
             )
             published = _add(published, decided)
             summary = summarise_pending(store_uri, run_id)
+        decisions = [ReviewDecision(**r["decision"]) for r in recorded_decisions(store_uri, run_id)]
+        result["reviewers"] = [d.reviewer for d in decisions]
+        result["comments"] = [d.comment for d in decisions if d.comment]
     statuses = review_status_counts(store_uri, run_id)
     logger.info("run %s: review %s; statuses %s; published %s", run_id, outcome, statuses, published)
     return {**result, "outcome": outcome, "review_status": statuses, "published": published}
@@ -275,26 +339,34 @@ def review_status_counts(store_uri: str, run_id: str) -> dict[str, int]:
     return {str(k): int(v) for k, v in manifest["review_status"].value_counts().items()}
 
 
-def expire_overdue_reviews(store_uri: str, now: datetime | None = None) -> list[str]:
-    """Mark pending rows `expired` for every run whose review deadline has passed; returns run ids.
+def expire_overdue_reviews(store_uri: str, now: datetime | None = None) -> dict[str, list[str]]:
+    """Mark pending rows `expired` for every run whose review deadline has passed.
 
     A suspended run that nobody resumes is failed by the Prefect server at the deadline, with no
-    process left to update the manifest; this sweep (run by `retouch review expire STORE`, for example
-    on a schedule) records the outcome. Nothing is published.
+    process left to update the manifest; this sweep records the outcome (hourly as the
+    `expire-reviews/hourly` deployment, or `retouch review expire STORE`). Nothing is published.
+    A run that still has a flow run scheduled or running is left alone: it was resumed in time and
+    will apply its decision itself. Returns the run ids `expired` and `still_running`.
     """
     store = open_store(store_uri)
     now = now or datetime.now(UTC)
-    swept = []
+    swept: dict[str, list[str]] = {"expired": [], "still_running": []}
     for key in store.list("review/"):
         parts = key.split("/")
         if len(parts) != 3 or parts[2] != "gate.json" or not parts[1].startswith("run="):
             continue
         run_id = parts[1][len("run=") :]
-        deadline = datetime.fromisoformat(json.loads(store.get_bytes(key))["deadline"])
+        try:
+            deadline = datetime.fromisoformat(json.loads(store.get_bytes(key))["deadline"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"run {run_id}: unreadable review gate {store.uri_for(key)}: {exc}") from None
         if deadline > now:
             continue
         rows = pending_rows(store_uri, run_id)
         if rows.empty:
+            continue
+        if active_flow_runs(run_id):
+            swept["still_running"].append(run_id)
             continue
         when = now.isoformat()
         for partition in sorted(rows["partition"].astype(str).unique()):
@@ -302,7 +374,31 @@ def expire_overdue_reviews(store_uri: str, now: datetime | None = None) -> list[
             publish_partition.fn(
                 store_uri, run_id, partition, verdicts_for(part, outcome="timeout"), None, when
             )
-        swept.append(run_id)
+        swept["expired"].append(run_id)
+    return swept
+
+
+def active_flow_runs(run_id: str) -> list[str]:
+    """Flow runs of `run_id` that are scheduled, pending or running (e.g. resumed, waiting for a worker)."""
+    active = FlowRunFilter(
+        tags=FlowRunFilterTags(all_=[RUN_TAG_PREFIX + run_id]),
+        state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING])
+        ),
+    )
+    with get_client(sync_client=True) as client:
+        return [str(r.id) for r in client.read_flow_runs(flow_run_filter=active)]
+
+
+@flow(name="expire-reviews")
+def expire_reviews(store_uri: str) -> dict[str, list[str]]:
+    """The sweep as a flow, deployed hourly next to the nightly refresh."""
+    swept = expire_overdue_reviews(store_uri)
+    logger = get_run_logger()
+    logger.info("expired the pending items of %d run(s): %s", len(swept["expired"]),
+                ", ".join(swept["expired"]) or "-")
+    if swept["still_running"]:
+        logger.info("past the deadline but still running, left alone: %s", ", ".join(swept["still_running"]))
     return swept
 
 

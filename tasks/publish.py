@@ -2,8 +2,9 @@
 
 One task per manifest partition. The order inside the task is what makes a crash harmless: first the
 approved objects are copied (idempotent: same key, same bytes), then the partition's manifest file
-is rewritten atomically. A crash in between leaves the rows `pending`, so a re-run copies the same
-bytes to the same keys again and then records the verdicts; nothing is lost or duplicated.
+is rewritten atomically. A crash in between leaves the rows `pending`; the decision itself is kept in
+the store (flows/review.py), so a re-run replays it, copies the same bytes to the same keys again
+(`unchanged`) and then records the verdicts; nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from storage.keys import join_key
 from storage.manifest import read_manifest, write_manifest_partition
@@ -56,7 +58,7 @@ def publish_object(store: Store, edited_key: str, target_key: str) -> str:
     return "replaced"
 
 
-@task(retries=3, retry_delay_seconds=[1, 5, 15])
+@task(retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
 def publish_partition(
     store_uri: str,
     run_id: str,

@@ -3,6 +3,10 @@
 The verdict rules live in one pure function (`verdicts_for`) so the flow, the CLI preview and the
 tests agree on them. Tasks only read the manifest and return small dicts; the manifest is rewritten
 by `tasks.publish.publish_partition`, after the approved outputs are copied.
+
+The tasks are never cached (`NO_CACHE`), even where results are persisted by default: the same call
+with the same arguments returns a different answer after every decision, and a stale summary would
+make the gate ask again for rows already decided.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import pandas as pd
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from storage.manifest import read_manifest
 from storage.store import open_store
@@ -49,7 +54,7 @@ def summarise(rows: pd.DataFrame) -> dict:
     }
 
 
-@task(retries=2, retry_delay_seconds=[1, 5])
+@task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
 def summarise_pending(store_uri: str, run_id: str) -> dict:
     """What the reviewer is asked about: counts only, so the task result stays small."""
     return summarise(pending_rows(store_uri, run_id))
@@ -100,7 +105,7 @@ def verdicts_for(
     return verdicts
 
 
-@task(retries=2, retry_delay_seconds=[1, 5])
+@task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
 def decide_partition(
     store_uri: str, run_id: str, partition: str, outcome: str, decision: Mapping | None
 ) -> dict[str, str]:

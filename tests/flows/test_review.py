@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
-from prefect import flow
+from prefect import flow, get_client
+from prefect.states import Cancelled, Scheduled
 
-from flows.review import ReviewConfig, ReviewDecision, expire_overdue_reviews, review_and_publish
+from flows.review import (
+    ReviewConfig,
+    ReviewDecision,
+    decision_key,
+    expire_overdue_reviews,
+    expire_reviews,
+    gate_key,
+    review_and_publish,
+)
 from storage.manifest import read_manifest
 from storage.store import Store, open_store
 from tasks.publish import publish_object
@@ -182,16 +192,89 @@ def test_timeout_expires_everything_publishes_nothing_and_run_completes(prefect_
     assert read_manifest(store, "late-1")["reviewer"].isna().all()
 
 
-def test_sweep_expires_runs_whose_deadline_passed_with_no_process_left(tmp_path) -> None:
-    from flows.review import gate_key
+def _gate_due(store: Store, run_id: str, deadline: datetime) -> None:
+    store.put_bytes(gate_key(run_id), json.dumps({"deadline": deadline.isoformat()}).encode())
 
+
+def test_expire_reviews_flow_expires_overdue_pending_rows_publishes_nothing_and_skips_runs_not_due(
+    prefect_harness, tmp_path
+) -> None:
     store = open_store(str(tmp_path))
+    now = datetime.now(UTC)
     write_run(store, "old-1")
     write_run(store, "new-1")
-    now = datetime.now(UTC)
-    store.put_bytes(gate_key("old-1"), f'{{"deadline": "{(now - timedelta(hours=1)).isoformat()}"}}'.encode())
-    store.put_bytes(gate_key("new-1"), f'{{"deadline": "{(now + timedelta(hours=1)).isoformat()}"}}'.encode())
-    assert expire_overdue_reviews(store.uri, now) == ["old-1"]
-    assert set(statuses(store, "old-1").values()) == {"expired"}
+    _gate_due(store, "old-1", now - timedelta(minutes=1))
+    _gate_due(store, "new-1", now + timedelta(hours=1))
+    manifest_before = {k: store.get_bytes(k) for k in store.list("manifest/run=new-1/")}
+
+    state = expire_reviews(store.uri, return_state=True)
+
+    assert state.is_completed()
+    assert state.result() == {"expired": ["old-1"], "still_running": []}
+    old = read_manifest(store, "old-1")
+    assert set(old["review_status"]) == {"expired"}
+    assert old["reviewer"].isna().all() and old["published_uri"].isna().all()
+    assert old["reviewed_at"].notna().all()
+    # Not due yet: the files are untouched, not merely rewritten with the same statuses.
+    assert {k: store.get_bytes(k) for k in store.list("manifest/run=new-1/")} == manifest_before
     assert set(statuses(store, "new-1").values()) == {"pending"}
-    assert expire_overdue_reviews(store.uri, now) == []
+    assert published_keys(store) == []
+    assert expire_reviews(store.uri) == {"expired": [], "still_running": []}
+
+
+def test_sweep_leaves_a_run_alone_while_a_flow_run_of_it_is_scheduled_or_running(prefect_harness, tmp_path) -> None:
+    """A run resumed just before its deadline may wait for a worker past it; its decision must win."""
+    store = open_store(str(tmp_path))
+    write_run(store, "late-resume-1")
+    _gate_due(store, "late-resume-1", datetime.now(UTC) - timedelta(minutes=1))
+    with get_client(sync_client=True) as client:
+        resumed = client.create_flow_run(gate, tags=["run:late-resume-1"], state=Scheduled())
+
+        assert expire_overdue_reviews(store.uri) == {"expired": [], "still_running": ["late-resume-1"]}
+        assert set(statuses(store, "late-resume-1").values()) == {"pending"}
+
+        client.set_flow_run_state(resumed.id, Cancelled(), force=True)
+    assert expire_overdue_reviews(store.uri) == {"expired": ["late-resume-1"], "still_running": []}
+    assert set(statuses(store, "late-resume-1").values()) == {"expired"}
+
+
+def test_unreadable_gate_record_is_an_error_naming_it(prefect_harness, tmp_path) -> None:
+    store = open_store(str(tmp_path))
+    write_run(store, "broken-1")
+    store.put_bytes(gate_key("broken-1"), b"{not json")
+    with pytest.raises(ValueError, match=r"run broken-1: unreadable review gate .*gate\.json"):
+        expire_overdue_reviews(store.uri)
+
+
+def test_recorded_decision_is_replayed_by_the_next_run_without_asking_again(prefect_harness, tmp_path) -> None:
+    """The process died after the decision was recorded and before every partition was published."""
+    store = open_store(str(tmp_path))
+    write_run(store, "crashed-1")
+    decision = ReviewDecision(reviewer="alice", approve_all_passing=True, categories=["bags"], comment="ok")
+    store.put_bytes(
+        decision_key("crashed-1", "killed-flow-run", 1),
+        json.dumps({"flow_run_id": "killed-flow-run", "round": 1, "decided_at": "2026-01-02T03:04:05+00:00",
+                    "decision": decision.model_dump(mode="json")}).encode(),
+    )
+    # Shoes were outside that decision's scope: they are asked about again, and nobody answers.
+    result = gate(store.uri, "crashed-1", ReviewConfig(timeout_s=3, poll_interval_s=1))
+
+    assert result["outcome"] == "expired" and result["reviewers"] == ["alice"] and result["comments"] == ["ok"]
+    m = read_manifest(store, "crashed-1").set_index("image_id")
+    assert m.loc[["bag-1", "bag-2"], "review_status"].tolist() == ["approved", "approved"]
+    assert m.loc["bag-3", "review_status"] == "rejected"
+    assert set(m.loc[["bag-1", "bag-2", "bag-3"], "reviewer"]) == {"alice"}
+    assert set(m.loc[["bag-1", "bag-2", "bag-3"], "reviewed_at"]) == {pd.Timestamp("2026-01-02T03:04:05Z")}
+    assert set(m.loc[["shoe-1", "shoe-2", "shoe-3"], "review_status"]) == {"expired"}
+    assert published_keys(store) == ["published/bags/bag-1.png", "published/bags/bag-2.png"]
+
+
+def test_unreadable_decision_record_is_an_error_naming_it(prefect_harness, tmp_path) -> None:
+    store = open_store(str(tmp_path))
+    write_run(store, "badrec-1")
+    store.put_bytes(decision_key("badrec-1", "fr", 1), json.dumps({"decision": {"reviewer": ""}}).encode())
+    state = gate(store.uri, "badrec-1", HUMAN, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=r"run badrec-1: unreadable review decision .*fr-001\.json"):
+        state.result()
+    assert set(statuses(store, "badrec-1").values()) == {"pending"}
