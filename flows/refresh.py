@@ -1,5 +1,11 @@
 """catalogue_refresh, the nightly entry point: ingest -> learn -> edit partitions -> report -> review
-and publish -> summary. refresh_partition is the per-partition entry for GPU work pools."""
+and publish -> summary. refresh_partition is the per-partition entry for GPU work pools.
+
+Under a deployment the review gate suspends the flow run and a resume re-executes it from the top.
+Everything before the gate is then reused: ingest, the partitions and the reports are persisted
+task results cached for the same refresh flow run (`SAME_REFRESH_RUN`), so they come back `Cached`;
+learning finds its instructions in the store. No edit is recomputed.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from flows.config import PartitionJob, RefreshConfig
 from flows.learn import learn_instructions
 from flows.review import review_and_publish
 from storage.store import open_store
-from tasks.edit import done_key, edit_partition
+from tasks.edit import SAME_REFRESH_RUN, done_key, edit_partition
 from tasks.ingest import catalogue_partitions
 from tasks.report import report_category, write_run_summary
 
@@ -31,7 +37,8 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
     get_run_logger().info("run %s: %s -> %s", run_id, config.store_uri, config.outputs_uri)
     timings: dict[str, float] = {}
     with stage(timings, "ingest"):
-        partitions = catalogue_partitions(config.store_uri, config.categories)
+        partitions = catalogue_partitions.with_options(cache_policy=SAME_REFRESH_RUN, persist_result=True)(
+            config.store_uri, config.categories)
     with stage(timings, "learn"):
         instructions = learn_instructions(config)
     with stage(timings, "edit"):
@@ -40,8 +47,9 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
             jobs, config.gpu_work_pool, config.partition_deployment)
     with stage(timings, "report"):
         categories = sorted({item["category"] for items in partitions.values() for item in items})
-        reports = report_category.map(unmapped(config.store_uri), unmapped(config.outputs_uri), unmapped(run_id),
-                                      categories, [instructions.get(c, {}) for c in categories]).result()
+        reports = report_category.with_options(cache_policy=SAME_REFRESH_RUN, persist_result=True).map(
+            unmapped(config.store_uri), unmapped(config.outputs_uri), unmapped(run_id), categories,
+            [instructions.get(c, {}) for c in categories]).result()
     with stage(timings, "review"):
         review = review_and_publish(config.outputs_uri, run_id, config.review)
     summary = run_summary(config, run_id, instructions, edited, reports, review, timings)
@@ -74,15 +82,22 @@ def refresh_partition(job: PartitionJob) -> dict:
     return edit_partition(job)
 
 
-@task(retries=1, retry_delay_seconds=[30])
+@task(retries=1, retry_delay_seconds=[30], cache_policy=SAME_REFRESH_RUN, persist_result=True)
 def edit_partition_on_pool(job: PartitionJob, deployment: str) -> dict:
-    """Run one partition as a run of the partition deployment and wait for it; returns its summary."""
+    """Run one partition as a run of the partition deployment and wait for it; returns its summary.
+
+    A partition with a completion marker is not sent to the pool again: a re-run would otherwise
+    start (and wait for) one GPU flow run per finished partition just to skip it.
+    """
+    out = open_store(job.output_uri)
+    marker = done_key(job.run_id, job.partition)
+    if out.exists(marker):
+        return {**json.loads(out.get_bytes(marker)), "skipped": True}
     run = run_deployment(deployment, parameters={"job": job.model_dump(mode="json")}, timeout=None,
                          tags=[f"run:{job.run_id}"])
     if not run.state or not run.state.is_completed():
         raise RuntimeError(f"partition {job.partition}: flow run {run.name} ended {run.state_name}")
-    marker = json.loads(open_store(job.output_uri).get_bytes(done_key(job.run_id, job.partition)))
-    return {**marker, "skipped": False}
+    return {**json.loads(out.get_bytes(marker)), "skipped": False}
 
 
 def check_partition_deployment(deployment: str, work_pool: str) -> None:

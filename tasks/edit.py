@@ -3,6 +3,12 @@
 One task per partition keeps the fan-out coarse. Keys and seeds are deterministic in (run, item,
 category), the manifest partition is written after every output and the completion marker last, so
 a partition interrupted anywhere is simply redone into the same keys, and a finished one is skipped.
+
+Two layers make a finished partition cost nothing the second time. Inside one refresh flow run
+(a suspended run resumed after review re-executes from the top) the task result is persisted and
+cached (`SAME_REFRESH_RUN`), so Prefect returns it as `Cached` without touching the store or the
+model. Across flow runs (a crash re-run of the same run id), or when the cached result is not on this
+machine, the completion marker in the store makes the task a skip.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from itertools import groupby
 
 from PIL import Image
 from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
 
 from editing.instruct import LearnedInstruction, apply_instruction, load_instruction
 from editing.models import LoadedModel
@@ -32,6 +41,24 @@ METHOD = "instructbrush"
 _INSTRUCTIONS: dict[tuple[str, str], LearnedInstruction] = {}
 
 
+class RootFlowRun(CachePolicy):
+    """Key on the top-level flow run, so a result is reused only inside the same refresh.
+
+    Prefect's own RUN_ID keys on the innermost flow run; `edit-partitions` is a subflow that gets a
+    new flow run id when the suspended parent re-executes, which would miss every cached partition.
+    """
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict, flow_parameters: dict, **kwargs) -> str | None:
+        if task_ctx is None:
+            return None
+        # Outside any flow run the task run's own id: a key that is never shared.
+        return str(flow_run.root_flow_run_id or task_ctx.task_run.id)
+
+
+# Reused within one refresh flow run (resume after review, retry), never by a later run.
+SAME_REFRESH_RUN = INPUTS + TASK_SOURCE + RootFlowRun()
+
+
 def done_key(run_id: str, partition: str) -> str:
     return join_key("edited", f"run={run_id}", "_done", f"{partition}.json")
 
@@ -40,7 +67,7 @@ def output_key(run_id: str, category: str, partition: str, image_id: str) -> str
     return join_key("edited", f"run={run_id}", category, partition, f"{image_id}.png")
 
 
-@task(retries=1, retry_delay_seconds=[10])
+@task(retries=1, retry_delay_seconds=[10], cache_policy=SAME_REFRESH_RUN, persist_result=True)
 def edit_partition(job: PartitionJob) -> dict:
     """Edit every item of the partition (or skip it if a previous attempt finished); returns its summary."""
     out = open_store(job.output_uri)
