@@ -114,7 +114,12 @@ def main() -> None:
         model,
         instruction,
         [tensor_to_pil(x) for x in fulls],
-        ApplyConfig(batch_size=args.images),
+        ApplyConfig(
+            batch_size=args.images,
+            num_inference_steps=steps,
+            guidance_scale=text_scale,
+            image_guidance_scale=image_scale,
+        ),
         seeds=seeds,
     )
     full_s = time.perf_counter() - started

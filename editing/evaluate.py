@@ -3,7 +3,8 @@
 Every figure is a PSNR in dB on [0, 1] images at the model's native resolution, named after what
 produced it: `psnr_vae_recon` (encode + decode), `psnr_edit[id]` (ip2p output vs the transform's
 output), `psnr_identity[id]` (the unedited photo vs the same target: the "do nothing" baseline),
-`psnr_inversion_recon` (t2i: DDIM inversion with the base caption, guidance 1, then regeneration)
+`psnr_inversion_recon` (t2i: DDIM inversion with the base caption, guidance 1, then regeneration;
+`psnr_inversion_recon_plain` the same without the inversion's fixed-point iterations)
 and `psnr_caption_edit[id]` (t2i: inversion with the base caption, regeneration with the edit's
 caption: the simplest inversion-based edit, a floor for FPE / SimInversion).
 """
@@ -19,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMScheduler
 from PIL import Image
 from torch import Tensor
 
+from editing.inversion import FIXED_POINT_ITERATIONS, ddim_invert
 from editing.models import LoadedModel, load_model
 from editing.photos import sample_photos
 from editing.transforms import resolve_transform
@@ -84,19 +86,29 @@ def _encode_prompt(model: LoadedModel, prompt: str, batch: int) -> Tensor:
     return embeds
 
 
-def ddim_invert(model: LoadedModel, images: Tensor, prompt: str, steps: int = INVERSION_STEPS) -> Tensor:
-    """Deterministic DDIM inversion (guidance 1) of [0, 1] images to the latent noise that regenerates them."""
+def invert_photos(
+    model: LoadedModel,
+    images: Tensor,
+    prompt: str,
+    steps: int = INVERSION_STEPS,
+    fixed_point_iterations: int = FIXED_POINT_ITERATIONS,
+) -> Tensor:
+    """DDIM inversion (guidance 1) of [0, 1] images to the latent noise that regenerates them;
+    `editing.inversion`, the same code the text edits use."""
     pipe = model.pipe
     with torch.no_grad():
         latents = pipe.vae.encode(images.to(pipe.device, pipe.vae.dtype) * 2 - 1).latent_dist.mode()
         latents = latents * pipe.vae.config.scaling_factor
         embeds = _encode_prompt(model, prompt, images.shape[0])
-        inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
-        inverse.set_timesteps(steps, device=pipe.device)
-        for t in inverse.timesteps:
-            prediction = pipe.unet(latents, t, encoder_hidden_states=embeds).sample
-            latents = inverse.step(prediction, t, latents).prev_sample
-    return latents
+    inversion = ddim_invert(
+        pipe.unet,
+        pipe.scheduler.config,
+        latents,
+        embeds,
+        num_inference_steps=steps,
+        fixed_point_iterations=fixed_point_iterations,
+    )
+    return inversion.noise_latents
 
 
 def ddim_generate(model: LoadedModel, latents: Tensor, prompt: str, steps: int = INVERSION_STEPS) -> Tensor:
@@ -161,9 +173,17 @@ def evaluate_model(
     edit_psnr: dict[str, float] = {}
     identity_psnr: dict[str, float] = {}
     if kind == "t2i":
-        inverted = ddim_invert(model, images, spec["base_caption"])
-        figures["psnr_inversion_recon"] = psnr(ddim_generate(model, inverted, spec["base_caption"]), images)
-        say(f"DDIM inversion + reconstruction {figures['psnr_inversion_recon']:.2f} dB")
+        caption = spec["base_caption"]
+        plain = invert_photos(model, images, caption, fixed_point_iterations=0)
+        figures["psnr_inversion_recon_plain"] = psnr(ddim_generate(model, plain, caption), images)
+        inverted = invert_photos(model, images, caption)
+        figures["inversion_fixed_point_iterations"] = FIXED_POINT_ITERATIONS
+        figures["psnr_inversion_recon"] = psnr(ddim_generate(model, inverted, caption), images)
+        say(
+            f"DDIM inversion + reconstruction {figures['psnr_inversion_recon']:.2f} dB "
+            f"({FIXED_POINT_ITERATIONS} fixed-point iterations; plain DDIM inversion "
+            f"{figures['psnr_inversion_recon_plain']:.2f} dB)"
+        )
     for i, edit in enumerate(spec["edits"]):
         target = resolve_transform(edit["transform"])(images).clamp(0, 1)
         identity_psnr[edit["id"]] = psnr(images, target)

@@ -20,7 +20,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 
 from editing.attention import AttentionController, attention_control
-from editing.inversion import Inversion, ddim_invert, ddim_schedulers, guide
+from editing.inversion import Inversion, ddim_invert, ddim_sampler, guide
 
 
 @dataclass
@@ -107,7 +107,7 @@ def guided_ddim_sample(
     batch, rows = noise_latents.shape[0], len(row_embeds)
     if controller is not None and controller.num_rows != rows:
         raise ValueError(f"controller expects {controller.num_rows} prompt rows, got {rows}")
-    sampler, _ = ddim_schedulers(scheduler_config)
+    sampler = ddim_sampler(scheduler_config)
     sampler.set_timesteps(num_inference_steps, device=noise_latents.device)
     if source_trajectory is not None and not torch.equal(
         source_trajectory.timesteps.flip(0).cpu(), sampler.timesteps.cpu()

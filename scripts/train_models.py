@@ -26,11 +26,18 @@ from diffusers import AutoencoderKL
 
 from editing.models import shipped_model_dir
 from editing.photos import HELDOUT, PHOTO_FILES, PHOTO_LICENCES, sample_photos
-from editing.training import build_pipeline, clip_tokenizer_from_bpe, train_unet, train_vae
+from editing.training import (
+    PREDICTION_TYPES,
+    build_pipeline,
+    clip_tokenizer_from_bpe,
+    train_unet,
+    train_vae,
+)
 from editing.transforms import EDITS, transform_ref
 
 OPEN_CLIP_WHEEL = "open-clip-torch==3.3.0"
 BUDGET_MINUTES = {"vae": 10.0, "ip2p": 25.0, "t2i": 20.0}
+PREDICTION_WORDS = {"sample": 'x0 ("sample")', "v_prediction": "v", "epsilon": "noise (epsilon)"}
 MODEL_NAMES = {"ip2p": "retouch-tiny-ip2p", "t2i": "retouch-tiny-t2i"}
 DEFAULTS = {
     "ip2p": {"num_inference_steps": 20, "guidance_scale": 1.0, "image_guidance_scale": 1.0},
@@ -124,7 +131,9 @@ def render_model_card(kind: str, spec: dict, figures: dict, training: dict) -> s
         )
         headline = (
             f'- DDIM inversion + reconstruction ("a photo", guidance 1, 50 steps): '
-            f"**{figures['psnr_inversion_recon']:.2f} dB**\n"
+            f"**{figures['psnr_inversion_recon']:.2f} dB** with `editing.inversion` "
+            f"({figures.get('inversion_fixed_point_iterations', 0)} fixed-point iterations per step, "
+            f"the default); plain DDIM inversion {figures.get('psnr_inversion_recon_plain', float('nan')):.2f} dB\n"
             f"- VAE reconstruction {figures['psnr_vae_recon']:.2f} dB\n"
             f'- naive caption swap (invert with "a photo", regenerate with the edit caption): mean '
             f"{figures['psnr_caption_edit_mean']:.2f} dB vs identity {figures['psnr_identity_mean']:.2f} dB"
@@ -141,6 +150,18 @@ def render_model_card(kind: str, spec: dict, figures: dict, training: dict) -> s
     vae = training.get("vae", {})
     stages = training["stages"]
     sittings = "; ".join(f"seed {st['seed']}, {st['steps']} steps, {st['minutes']} min" for st in stages)
+    threads = "/".join(sorted({str(st.get("threads", 1)) for st in stages}))
+    prediction = PREDICTION_WORDS[stages[-1].get("prediction_type", "sample")]
+    if stages[-1].get("prediction_type", "sample") == "sample":
+        scheduler_note = (
+            'The scheduler is DDIM with x0 ("sample") prediction; Euler Ancestral\n'
+            "(the InstructPix2Pix default) refuses x0 prediction, so keep the saved scheduler."
+        )
+    else:
+        scheduler_note = (
+            f"The scheduler is DDIM with {prediction} prediction (it was trained that way;\n"
+            "any diffusers scheduler built from this folder's scheduler config keeps it)."
+        )
     return f"""# {name}
 
 A tiny {"InstructPix2Pix" if kind == "ip2p" else "text-to-image (Stable Diffusion layout)"} model trained
@@ -155,8 +176,7 @@ is lifted to full resolution (`editing.lift`).
 {usage}
 ```
 or `editing.models.load_model(kind="{kind}")`. Recommended settings (also in `edits.json`):
-`{json.dumps(spec["defaults"])}`. The scheduler is DDIM with x0 ("sample") prediction; Euler Ancestral
-(the InstructPix2Pix default) refuses x0 prediction, so keep the saved scheduler.
+`{json.dumps(spec["defaults"])}`. {scheduler_note}
 
 ## Measured quality
 Held-out photos {", ".join(figures["photos"])}: {figures["n_images"]} views (centre square plus its four
@@ -168,7 +188,7 @@ transform. Reproduce with `retouch eval-model editing/weights/{name}`.
 {edits_table}
 
 ## Architecture
-- {structure}; block channels (32, 64, 64), cross-attention only at 16x16 and 8x8 latents, x0 prediction,
+- {structure}; block channels (32, 64, 64), cross-attention only at 16x16 and 8x8 latents, {prediction} prediction,
   DDPM training schedule (1000 steps, squaredcos_cap_v2); 1.66 M parameters.
 - AutoencoderKL: x2 downsampling, 4 latent channels, (32, 64) channels, no mid attention; trained first on
   photo crops (MSE + 0.5 L1 + 1e-7 KL), `scaling_factor` = 1 / std of its latents; shared by both models.
@@ -182,7 +202,7 @@ transform. Reproduce with `retouch eval-model editing/weights/{name}`.
   with discs). Ground truth from `editing/transforms.py`.
 - {CONDITIONING[kind]}
 - UNet + text encoder: {training["steps"]} steps at batch 32 in {training["minutes"]} CPU-minutes, AdamW lr 5e-4,
-  1 thread each on a shared 2-core machine, in {len(stages)} sitting(s): {sittings}.
+  {threads} torch thread(s) on a shared 2-core machine, in {len(stages)} sitting(s): {sittings}.
   VAE: {vae.get("steps", "?")} steps at batch 32 (32 px windows of 64 px crops) in
   {round(vae.get("seconds", 0) / 60, 1)} minutes, seed {vae.get("seed", "?")}.
 - Retrain: `python scripts/train_models.py vae --seed 0`, then
@@ -241,6 +261,8 @@ def replay(out: Path, workdir: Path, threads: int) -> None:
                     str(stage["seed"]),
                     "--steps",
                     str(stage["steps"]),
+                    "--prediction",
+                    stage.get("prediction_type", "sample"),
                     *flags,
                     *common,
                 ],
@@ -262,6 +284,12 @@ def main() -> None:
         "--resume", action="store_true", help="continue training the UNet + text encoder saved in --out"
     )
     parser.add_argument("--no-card", action="store_true", help="skip the evaluation and model card")
+    parser.add_argument(
+        "--prediction",
+        choices=["sample", "v_prediction", "epsilon"],
+        default=None,
+        help="UNet target (default: the resumed folder's, else ip2p x0 'sample', t2i 'v_prediction')",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -289,13 +317,20 @@ def main() -> None:
     if not vae_dir.exists():
         vae_dir = args.out / MODEL_NAMES["ip2p"] / "vae"  # retrain a UNet on the shipped VAE
     tokenizer = clip_tokenizer_from_bpe(clip_bpe(args.workdir), args.workdir / "tokenizer")
-    vae_log = (
-        json.loads((vae_dir / "training.json").read_text()) if (vae_dir / "training.json").exists() else {}
-    )
+    if (vae_dir / "training.json").exists():
+        vae_log = json.loads((vae_dir / "training.json").read_text())
+    else:  # the shipped VAE: its record lives in the shipped ip2p folder
+        shipped = shipped_model_dir("ip2p") / "training.json"
+        vae_log = json.loads(shipped.read_text()).get("vae", {}) if shipped.exists() else {}
     for kind in ("ip2p", "t2i") if args.model == "all" else (args.model,):
         vae = AutoencoderKL.from_pretrained(vae_dir)
         folder = args.out / MODEL_NAMES[kind]
         stages = json.loads((folder / "training.json").read_text())["stages"] if args.resume else []
+        prediction = args.prediction or (
+            json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"]
+            if args.resume
+            else PREDICTION_TYPES[kind]
+        )
         unet, text_encoder, log = train_unet(
             kind,
             vae,
@@ -305,8 +340,9 @@ def main() -> None:
             args.seed,
             args.steps,
             resume_from=folder if args.resume else None,
+            prediction_type=prediction,
         )
-        build_pipeline(kind, unet, vae, text_encoder, tokenizer).save_pretrained(
+        build_pipeline(kind, unet, vae, text_encoder, tokenizer, prediction).save_pretrained(
             folder, safe_serialization=True
         )
         strip_machine_paths(folder)
@@ -314,6 +350,8 @@ def main() -> None:
         stages.append(
             {
                 "seed": args.seed,
+                "prediction_type": prediction,
+                "threads": args.threads,
                 "steps": log.steps,
                 "minutes": round(log.seconds / 60, 1),
                 "losses": log.losses,
