@@ -2,9 +2,10 @@
 and publish -> summary. refresh_partition is the per-partition entry for GPU work pools.
 
 Under a deployment the review gate suspends the flow run and a resume re-executes it from the top.
-Everything before the gate is then reused: ingest, the partitions and the reports are persisted
-task results cached for the same refresh flow run (`SAME_REFRESH_RUN`), so they come back `Cached`;
-learning finds its instructions in the store. No edit is recomputed.
+Everything before the gate is then reused: ingest, learning, the partitions and the reports are
+persisted task results cached for the same refresh flow run (`SAME_REFRESH_RUN`), so they come back
+`Cached` and the model is not even loaded. Without the cached results (another machine), the
+instruction cache and the partition completion markers in the store still make it a skip.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
         partitions = catalogue_partitions.with_options(cache_policy=SAME_REFRESH_RUN, persist_result=True)(
             config.store_uri, config.categories)
     with stage(timings, "learn"):
-        instructions = learn_instructions(config)
+        instructions = learn_once(config)
     with stage(timings, "edit"):
         jobs = [partition_job(config, run_id, name, items, instructions) for name, items in partitions.items()]
         edited = edit_partitions.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.workers))(
@@ -55,6 +56,17 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
     summary = run_summary(config, run_id, instructions, edited, reports, review, timings)
     write_run_summary(config.outputs_uri, run_id, summary)
     return summary
+
+
+@task(cache_policy=SAME_REFRESH_RUN, persist_result=True)
+def learn_once(config: RefreshConfig) -> dict[str, dict]:
+    """The learn-instructions subflow, once per refresh flow run.
+
+    A resumed run gets the first execution's records back instead of loading the model to look the
+    instructions up again. Identical records also keep the partitions' and the reports' inputs, and
+    so their cache keys, identical (a second lookup would say `learned: False`).
+    """
+    return learn_instructions(config)
 
 
 @flow(name="edit-partitions")

@@ -1,5 +1,6 @@
 """deployments/prefect.yaml against a real `prefect server start` on loopback: `prefect deploy --all`
-creates the deployments, and the scheduler creates runs for the nightly cron.
+creates the deployments, and the scheduler creates runs for the nightly refresh and for the hourly
+review expiry sweep.
 
 The scheduler check matters: with SQLAlchemy 2.1 the server accepted the deployment and then never
 scheduled a run, and the error appeared only in the server log.
@@ -7,75 +8,27 @@ scheduled a run, and the error appeared only in the server log.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PREFECT = [sys.executable, "-m", "prefect"]
+from tests.deployments.server import PREFECT, ROOT, api
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _api(url: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(
-        f"{url}{path}", data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> None:
+def _scheduled_runs(url: str, deployment_id: str, timeout_s: float = 60) -> list[dict]:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "prefect server exited; see its log"
-        try:
-            if _api(url, "/health") is True:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"prefect server at {url} not healthy after {timeout_s} s")
+    runs: list = []
+    while time.monotonic() < deadline and not runs:
+        runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}},
+                                              "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        time.sleep(2)
+    return runs
 
 
-@pytest.fixture
-def prefect_server(tmp_path: Path):
-    """A private server (own PREFECT_HOME, SQLite) on a free loopback port; stopped by its PID."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": url, "PREFECT_CLI_PROMPT": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-           "RETOUCH_HOME": str(ROOT), "RETOUCH_STORE_URI": "s3://catalogue/retouch"}
-    with open(tmp_path / "server.log", "wb") as log:
-        server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_healthy(url, server, timeout_s=300)
-            yield url, env
-        finally:
-            server.terminate()
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-
-
-def test_deploy_all_creates_deployments_and_nightly_runs_get_scheduled(prefect_server):
+def test_deploy_all_creates_deployments_and_nightly_and_hourly_runs_get_scheduled(prefect_server):
     url, env = prefect_server
     for pool in ("cpu", "gpu"):
         subprocess.run([*PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True,
@@ -86,20 +39,30 @@ def test_deploy_all_creates_deployments_and_nightly_runs_get_scheduled(prefect_s
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
 
-    deployments = {f"{d['name']}": d for d in _api(url, "/deployments/filter", {})}
-    assert set(deployments) == {"nightly", "adhoc", "gpu"}
-    nightly = deployments["nightly"]
-    assert nightly["work_pool_name"] == "gpu" and deployments["adhoc"]["work_pool_name"] == "cpu"
+    flows = {f["id"]: f["name"] for f in api(url, "/flows/filter", {})}
+    deployments = {(flows[d["flow_id"]], d["name"]): d for d in api(url, "/deployments/filter", {})}
+    assert set(deployments) == {("catalogue-refresh", "nightly"), ("catalogue-refresh", "adhoc"),
+                                ("refresh-partition", "gpu"), ("expire-reviews", "hourly")}
+    nightly = deployments["catalogue-refresh", "nightly"]
+    assert nightly["work_pool_name"] == "gpu" and deployments["catalogue-refresh", "adhoc"]["work_pool_name"] == "cpu"
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     assert nightly["parameters"]["config"]["store_uri"] == "s3://catalogue/retouch"
     assert nightly["global_concurrency_limit"]["limit"] == 1
     assert nightly["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
-    deadline = time.monotonic() + 60
-    runs: list = []
-    while time.monotonic() < deadline and not runs:
-        runs = _api(url, "/flow_runs/filter",
-                    {"deployments": {"id": {"any_": [nightly["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
-        time.sleep(2)
+    sweep = deployments["expire-reviews", "hourly"]
+    assert sweep["entrypoint"] == "flows/review.py:expire_reviews" and sweep["work_pool_name"] == "cpu"
+    assert [s["schedule"]["cron"] for s in sweep["schedules"]] == ["0 * * * *"]
+    assert all(s["active"] for s in sweep["schedules"])
+    assert sweep["parameters"] == {"store_uri": "s3://catalogue/retouch"}
+    assert sweep["global_concurrency_limit"]["limit"] == 1
+    assert sweep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+
+    runs = _scheduled_runs(url, nightly["id"])
     assert runs, "the scheduler created no runs for the nightly deployment within 60 s"
     assert all(run["parameters"]["config"]["review"]["policy"] == "human" for run in runs)
+    sweeps = _scheduled_runs(url, sweep["id"])
+    assert sweeps, "the scheduler created no runs for the hourly sweep within 60 s"
+    starts = sorted(run["expected_start_time"] for run in sweeps)
+    assert len(starts) >= 2 and all(t.split("T")[1][2:8] == ":00:00" for t in starts), starts
+    assert all(run["parameters"] == {"store_uri": "s3://catalogue/retouch"} for run in sweeps)

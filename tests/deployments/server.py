@@ -1,0 +1,43 @@
+"""A real `prefect server start` on loopback, and its REST API, for the deployment tests (the test
+harness cannot run deployments: nothing serves or works them)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(url: str, path: str, body: dict | None = None):
+    request = urllib.request.Request(
+        f"{url}{path}", data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "prefect server exited; see its log"
+        try:
+            if api(url, "/health") is True:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"prefect server at {url} not healthy after {timeout_s} s")
