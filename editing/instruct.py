@@ -36,6 +36,7 @@ from editing.instruct_init import (
 )
 from editing.instruct_kv import InjectionState, InstructionKV, instruction_processors
 from editing.instruct_ops import (
+    channels_last,
     count_instruction_tokens,
     denoising_loss,
     encode_pairs,
@@ -104,6 +105,9 @@ class ApplyConfig(BaseModel):
     image_guidance_scale: float | None = Field(None, ge=0, description="image guidance scale")
     batch_size: int = Field(16, ge=1, description="images per UNet batch (x3 rows for guidance)")
     full_resolution: bool = Field(True, description="lift the native-size edit to the input size")
+    channels_last: bool = Field(
+        True, description="run the UNet in channels-last memory format (faster convolutions, same outputs)"
+    )
     progress: bool = Field(False)
 
 
@@ -422,30 +426,40 @@ def edit_native(
     num_inference_steps: int,
     guidance_scale: float,
     image_guidance_scale: float,
+    use_channels_last: bool = True,
 ) -> Tensor:
     """IP2P dual guidance on a batch at native size: (B, 3, h, w) in [0, 1] -> same.
 
     Rows are [instruction | image-only | unconditional] chunks as in the stock pipeline, and like
     it guidance is skipped (instruction rows only) unless guidance_scale > 1 and
-    image_guidance_scale >= 1. Each image draws its noise from its own generator, so its output
-    does not depend on its batch.
+    image_guidance_scale >= 1; at image_guidance_scale == 1 the unconditional rows are skipped,
+    because they cancel out of the combination. Each image draws its noise from its own generator, so its output
+    does not depend on its batch. `use_channels_last` runs the UNet in channels-last memory
+    format for the call (same outputs within float tolerance, faster convolutions).
     """
     unet, vae = pipe.unet, pipe.vae
     device, dtype = unet.device, next(unet.parameters()).dtype
     batch = sources.shape[0]
     guided_rows = guidance_scale > 1.0 and image_guidance_scale >= 1.0
-    chunks = 3 if guided_rows else 1
+    # With image guidance 1 the unconditional row cancels out of the combination exactly:
+    # uncond + g (text - image) + 1 (image - uncond) = image + g (text - image).
+    needs_uncond = guided_rows and image_guidance_scale != 1.0
+    chunks = (3 if needs_uncond else 2) if guided_rows else 1
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=device)
     generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        image_latents = vae.encode((sources * 2 - 1).to(device, dtype)).latent_dist.mode()
+    memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
+    with torch.no_grad(), channels_last(vae, use_channels_last):
+        pixels = (sources * 2 - 1).to(device, dtype).contiguous(memory_format=memory_format)
+        image_latents = vae.encode(pixels).latent_dist.mode()
         shape = (1, unet.config.out_channels, *image_latents.shape[-2:])
         latents = torch.cat([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators])
         latents = latents * scheduler.init_noise_sigma
         conditioning = image_latents
-        if guided_rows:
+        if needs_uncond:
             conditioning = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+        elif guided_rows:
+            conditioning = torch.cat([image_latents, image_latents])
         step_kwargs = {}
         step_params = inspect.signature(scheduler.step).parameters
         if "eta" in step_params:
@@ -457,17 +471,24 @@ def edit_native(
         )
         state.instruction_rows = torch.arange(chunks * batch, device=device) < batch
         placeholder = bank.context.unsqueeze(0).expand(chunks * batch, -1, -1)
-        with instruction_processors(unet, bank, state):
+        with instruction_processors(unet, bank, state), channels_last(unet, use_channels_last):
             for t in scheduler.timesteps:
                 model_input = scheduler.scale_model_input(torch.cat([latents] * chunks), t)
-                output = unet(torch.cat([model_input, conditioning], dim=1), t, placeholder).sample
-                if guided_rows:
+                model_input = torch.cat([model_input, conditioning], dim=1).contiguous(
+                    memory_format=memory_format
+                )
+                output = unet(model_input, t, placeholder).sample
+                if needs_uncond:
                     text, image, uncond = output.chunk(3)
                     output = (
                         uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
                     )
+                elif guided_rows:
+                    text, image = output.chunk(2)
+                    output = image + guidance_scale * (text - image)
                 latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
-        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+        latents = (latents / vae.config.scaling_factor).contiguous(memory_format=memory_format)
+        decoded = vae.decode(latents).sample
     return (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
@@ -506,7 +527,14 @@ def apply_instruction(
         chunk = [pil_to_tensor(img) for img in images[start : start + config.batch_size]]
         small = torch.cat([to_native(x[None], resolution) for x in chunk])
         edited = edit_native(
-            pipe, bank, small, seeds[start : start + len(chunk)], steps, text_scale, image_scale
+            pipe,
+            bank,
+            small,
+            seeds[start : start + len(chunk)],
+            steps,
+            text_scale,
+            image_scale,
+            use_channels_last=config.channels_last,
         )
         for full, source_small, edited_small in zip(chunk, small, edited, strict=True):
             same_size = full.shape[-2:] == edited_small.shape[-2:]

@@ -32,7 +32,7 @@ from editing.instruct_kv import (
     instruction_processors,
     time_group,
 )
-from editing.instruct_ops import count_instruction_tokens, encode_text, pil_to_tensor
+from editing.instruct_ops import channels_last, count_instruction_tokens, encode_text, pil_to_tensor
 from editing.models import load_model
 from editing.seeds import item_seed
 
@@ -248,10 +248,11 @@ def test_seeds_make_outputs_replayable_and_batch_independent(model, learned) -> 
     assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[1]))  # same image, other id
 
 
-@pytest.mark.parametrize(("text_scale", "image_scale"), [(3.0, 1.5), (1.0, 1.0)])
+@pytest.mark.parametrize(("text_scale", "image_scale"), [(3.0, 1.5), (2.0, 1.0), (1.0, 1.0)])
 def test_batched_text_path_matches_the_stock_pipeline(model, text_scale: float, image_scale: float) -> None:
     """The batched application equals a per-image loop of the stock pipeline with the same embedding,
-    with dual guidance and without it (the stock pipeline's rule: text > 1 and image >= 1)."""
+    with dual guidance, with text guidance only (image scale 1: our path drops the unconditional
+    rows, which cancel) and without guidance (the stock pipeline's rule: text > 1 and image >= 1)."""
     pipe = model.pipe
     instruction = phrase_instruction(model, "make it warmer")
     images = [_image(6, (32, 32)), _image(7, (32, 32))]
@@ -269,6 +270,27 @@ def test_batched_text_path_matches_the_stock_pipeline(model, text_scale: float, 
             output_type="pt",
         ).images[0]
         assert torch.allclose(mine, stock, atol=2e-4)
+
+
+def test_channels_last_changes_speed_not_outputs_and_restores_the_memory_format(model) -> None:
+    pipe = model.pipe
+    instruction = phrase_instruction(model, "make it warmer")
+    sources = torch.stack([pil_to_tensor(_image(8, (32, 32))), pil_to_tensor(_image(9, (32, 32)))])
+    args = (pipe, instruction.bank(pipe), sources, [3, 4], 3, 2.0, 1.5)
+    plain = edit_native(*args, use_channels_last=False)
+    fast = edit_native(*args, use_channels_last=True)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    for module in (pipe.unet, pipe.vae):
+        conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(
+            memory_format=torch.channels_last
+        )
+    with channels_last(pipe.unet):
+        assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        with channels_last(pipe.unet):  # nested: the outer context owns the conversion
+            pass
+        assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.unet.conv_in.weight.is_contiguous()
 
 
 def test_initialisation_takes_top_r_above_threshold_with_the_template() -> None:
