@@ -20,7 +20,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 
 from editing.attention import AttentionController, attention_control
-from editing.inversion import Inversion, ddim_invert, ddim_sampler, guide
+from editing.inversion import FIXED_POINT_ITERATIONS, Inversion, ddim_invert, ddim_sampler, guide
 
 
 @dataclass
@@ -203,6 +203,7 @@ def run_text_edit(
             "w_src": w_src,
             "w_tgt": w_tgt,
             "drive_source": drive_source,
+            "inversion_fixed_point_iterations": FIXED_POINT_ITERATIONS,
             "controller": type(controller).__name__ if controller else None,
         },
     )
