@@ -106,7 +106,7 @@ def load_model(
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     pipe = PIPELINES[kind].from_pretrained(
-        folder, torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        folder, dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
     )
     if pipe.unet.config.in_channels != UNET_IN_CHANNELS[kind]:
         raise ValueError(
