@@ -1,4 +1,5 @@
-"""Nothing is lost or duplicated: a killed worker, S3 faults, bad inputs, tampered instructions.
+"""Nothing is lost or duplicated: a worker killed while editing or while publishing, S3 faults, bad
+inputs, tampered instructions.
 
 Real SeaweedFS S3 on loopback, a real Prefect API (the test harness), tiny random models.
 Review-path guarantees (reject and timeout publish nothing, anonymous approval refused) are in
@@ -20,13 +21,19 @@ import pandas as pd
 import pytest
 from prefect.logging import disable_run_logger
 from prefect.settings import PREFECT_API_URL
+from typer.testing import CliRunner
 
+from cli.main import app
+from cli.review import ReviewCliError, find_paused_flow_run
 from editing.instruct import InstructionIntegrityError, InstructionModelMismatch, load_instruction
 from editing.models import load_model
 from flows.refresh import catalogue_refresh
+from flows.review import ReviewConfig, recorded_decisions
+from storage.manifest import read_manifest
 from storage.store import open_store
 from tasks.edit import done_key
 from tasks.ingest import catalogue_partitions, validate_exemplars
+from tasks.publish import key_for_uri
 from tests.flows.reliability_helpers import (
     add_bad_inputs,
     assert_nothing_lost,
@@ -98,6 +105,74 @@ def test_worker_killed_mid_partition_then_rerun_loses_and_duplicates_nothing(
         assert_nothing_lost(store, "kill-1", index).sort_values("image_id").reset_index(drop=True),
         manifest.sort_values("image_id").reset_index(drop=True),
     )
+
+
+def _start_driver(config, slow_s: float, prefix: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.flows.reliability_driver", config.model_dump_json(), str(slow_s), prefix],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+
+
+def test_killed_while_publishing_then_rerun_publishes_every_approved_item_exactly_once(
+    prefect_harness, s3_uri, tiny_model, tmp_path
+) -> None:
+    store = open_store(s3_uri)
+    index = build_shop(store, partitions=3, per_partition=4)
+    # Human review; a broken replay would pause the re-run until this deadline and then expire.
+    config = refresh_config(s3_uri, "pubkill-1", tiny_model).model_copy(
+        update={"review": ReviewConfig(policy="human", timeout_s=240, poll_interval_s=1)})
+    log = tmp_path / "driver.log"
+    proc = _start_driver(config, 2.0, "published/", log)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            assert proc.poll() is None, f"the flow process ended before the review; see {log}"
+            assert time.monotonic() < deadline, f"the run never paused for review; see {log}"
+            try:
+                find_paused_flow_run("pubkill-1")
+                break
+            except ReviewCliError:
+                time.sleep(0.3)
+        approve = CliRunner().invoke(app, ["review", "approve", "pubkill-1", "--all-passing", "--reviewer", "alice"])
+        assert approve.exit_code == 0, approve.output
+        assert "12 to approve, 0 to reject" in approve.output
+        while not list(store.list("published/")):
+            assert proc.poll() is None, f"the flow process ended before publishing anything; see {log}"
+            assert time.monotonic() < deadline, f"nothing was published; see {log}"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    published_at_kill = {k: store.get_bytes(k) for k in store.list("published/")}
+    at_kill = read_manifest(store, "pubkill-1").set_index("image_id")
+    # Killed in the crash window: objects copied, their rows not yet recorded.
+    assert 0 < len(published_at_kill) < len(index)
+    for key in published_at_kill:
+        assert at_kill.loc[key.rsplit("/", 1)[1].removesuffix(".png"), "review_status"] == "pending", key
+    [record] = recorded_decisions(s3_uri, "pubkill-1")
+    assert record["decision"]["reviewer"] == "alice"
+
+    summary = catalogue_refresh(config)
+
+    review = summary["review"]
+    assert review["outcome"] == "decided" and review["reviewers"] == ["alice"]
+    pending_at_kill = int((at_kill["review_status"] == "pending").sum())
+    # The objects copied before the kill were found identical, the rest created; nothing replaced.
+    assert review["published"] == {"created": pending_at_kill - len(published_at_kill),
+                                   "unchanged": len(published_at_kill), "replaced": 0}
+    manifest = assert_nothing_lost(store, "pubkill-1", index).set_index("image_id")
+    assert set(manifest["review_status"]) == {"approved"} and set(manifest["reviewer"]) == {"alice"}
+    # Every row carries the time of the one decision, whichever process recorded it.
+    assert set(manifest["reviewed_at"]) == {pd.Timestamp(record["decided_at"])}
+    for image_id, row in manifest.iterrows():
+        assert row["published_uri"] == store.uri_for(f"published/{row['category']}/{image_id}.png")
+        assert store.get_bytes(key_for_uri(store, row["published_uri"])) == store.get_bytes(
+            key_for_uri(store, row["output_uri"])), image_id
+    assert all(store.get_bytes(k) == data for k, data in published_at_kill.items())
 
 
 def test_s3_throttling_and_5xx_on_reads_and_writes_are_retried_and_the_run_completes(
