@@ -84,8 +84,17 @@ def _decide(run_id: str, decision: dict, store: str | None) -> None:
     flow_run = find_paused_flow_run(run_id)
     store_uri = store or store_uri_of(flow_run)
     if store_uri:
+        pending = pending_rows(store_uri, run_id)
+        # A mistyped id would not be approved, and the item it meant would be rejected with the rest.
+        named = dict.fromkeys([*checked.approve_ids, *checked.reject_ids])
+        not_pending = [i for i in named if i not in set(pending["image_id"].astype(str))]
+        if not_pending:
+            raise ReviewCliError(
+                f"run {run_id} has no pending item {', '.join(not_pending)} (unknown id or already decided); "
+                "nothing was sent"
+            )
         verdicts = verdicts_for(
-            pending_rows(store_uri, run_id),
+            pending,
             outcome="decision",
             approve_all_passing=checked.approve_all_passing,
             approve_ids=checked.approve_ids,

@@ -318,6 +318,11 @@ def review_and_publish(store_uri: str, run_id: str, config: ReviewConfig) -> dic
                 outcome = "expired"
                 break
             logger.info("run %s: decision by %s: %s", run_id, decision.reviewer, decision.comment)
+            pending_ids = set(pending_rows(store_uri, run_id)["image_id"].astype(str))
+            if unknown := sorted({*decision.approve_ids, *decision.reject_ids} - pending_ids):
+                # The UI form cannot check ids against the manifest; the CLI refuses them up front.
+                logger.warning("run %s: the decision by %s names ids that are not pending (ignored): %s",
+                               run_id, decision.reviewer, ", ".join(unknown))
             record = record_decision(store_uri, run_id, round_no, decision.model_dump(mode="json"))
             decided = _apply(
                 store_uri, run_id, summary["partitions"], "decision", record["decision"], record["decided_at"]

@@ -52,10 +52,14 @@ def test_list_then_reject_ids_then_approve_passing_resumes_the_paused_run(prefec
     def reviewer() -> None:
         _wait_paused("cli-1")
         outputs["list"] = runner.invoke(app, ["review", "list"])
+        outputs["typo"] = runner.invoke(
+            app, ["review", "approve", "cli-1", "--ids", "bag-2,bag-9", "--all-passing", "--reviewer", "dana"]
+        )
         outputs["reject"] = runner.invoke(
             app, ["review", "reject", "cli-1", "--ids", "bag-1", "--reviewer", "dana", "--comment", "crop"]
         )
         _wait_paused("cli-1")  # only bag-1 was decided; the run asks again for the rest
+        outputs["again"] = runner.invoke(app, ["review", "reject", "cli-1", "--ids", "bag-1", "--reviewer", "dana"])
         outputs["approve"] = runner.invoke(
             app, ["review", "approve", "cli-1", "--all-passing", "--reviewer", "erin"]
         )
@@ -72,6 +76,12 @@ def test_list_then_reject_ids_then_approve_passing_resumes_the_paused_run(prefec
         and "bags: fail 1, pass 2" in listing
         and "shoes: error 1, flag 1, pass 1" in listing
     )
+    # A mistyped id is refused before anything is sent (it would have rejected the item it meant).
+    assert outputs["typo"].exit_code == 2
+    assert "run cli-1 has no pending item bag-9 (unknown id or already decided); nothing was sent" in (
+        outputs["typo"].output
+    )
+    assert outputs["again"].exit_code == 2 and "no pending item bag-1" in outputs["again"].output
     assert outputs["reject"].exit_code == 0, outputs["reject"].output
     assert "0 to approve, 1 to reject" in outputs["reject"].output
     assert outputs["approve"].exit_code == 0, outputs["approve"].output

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -13,7 +15,9 @@ from prefect.states import Cancelled, Scheduled
 from flows.review import (
     ReviewConfig,
     ReviewDecision,
+    contact_sheet_key,
     decision_key,
+    describe,
     expire_overdue_reviews,
     expire_reviews,
     gate_key,
@@ -22,7 +26,7 @@ from flows.review import (
 from storage.manifest import read_manifest
 from storage.store import Store, open_store
 from tasks.publish import publish_object
-from tasks.review import verdicts_for
+from tasks.review import pending_rows, summarise, verdicts_for
 from tests.flows.review_helpers import Reviewer, png, published_keys, write_run
 
 
@@ -87,6 +91,24 @@ def test_publish_object_is_create_if_absent_within_a_run_and_newer_run_replaces(
     assert publish_object(store, "edited/b.png", "published/x/a.png") == "replaced"
     assert store.get_bytes("published/x/a.png") == png(2)
     assert published_keys(store) == ["published/x/a.png"]
+
+
+def test_review_description_counts_qc_per_category_lists_flags_and_links_presigned_contact_sheets(s3_uri) -> None:
+    store = open_store(s3_uri)
+    write_run(store, "desc-1")
+    store.put_bytes(contact_sheet_key("desc-1", "bags"), png(5))
+    deadline = datetime(2026, 1, 2, 3, 4, tzinfo=UTC)
+
+    text = describe(s3_uri, "desc-1", summarise(pending_rows(s3_uri, "desc-1")), deadline=deadline)
+
+    assert "**6** items wait for a decision (deadline 2026-01-02 03:04 UTC" in text
+    assert "| bags | 2 | 0 | 1 | 0 | [bags.png](" in text
+    assert "| shoes | 1 | 1 | 0 | 1 | - |" in text  # no contact sheet for shoes
+    assert "- bags: bag-3" in text and "- shoes: shoe-2" in text  # QC flagged or failed
+    url = re.search(r"\[bags\.png\]\((.+?)\)", text).group(1)
+    assert "X-Amz-Signature=" in url and "X-Amz-Expires=604800" in url  # presigned, valid 7 days
+    with urllib.request.urlopen(url, timeout=10) as response:  # opens without credentials
+        assert response.read() == png(5)
 
 
 def test_auto_policy_publishes_passing_only_and_rerun_is_noop(prefect_harness, tmp_path) -> None:
