@@ -227,5 +227,6 @@ def prefect_harness() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
     # A loaded 2-core machine can take minutes to start the server; never fail a run on that alone.
-    with prefect_test_harness(server_startup_timeout=None):
+    # (None would fall back to PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, 20 s by default.)
+    with prefect_test_harness(server_startup_timeout=600):
         yield
