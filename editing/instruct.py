@@ -103,10 +103,10 @@ class ApplyConfig(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, description="text guidance scale")
     image_guidance_scale: float | None = Field(None, ge=0, description="image guidance scale")
-    batch_size: int = Field(16, ge=1, description="images per UNet batch (x3 rows for guidance)")
+    batch_size: int = Field(16, ge=1, description="images per UNet batch (x2 or x3 rows with guidance)")
     full_resolution: bool = Field(True, description="lift the native-size edit to the input size")
     channels_last: bool = Field(
-        True, description="run the UNet in channels-last memory format (faster convolutions, same outputs)"
+        True, description="run the UNet and VAE in channels-last memory format (faster, same outputs)"
     )
     progress: bool = Field(False)
 
@@ -433,9 +433,10 @@ def edit_native(
     Rows are [instruction | image-only | unconditional] chunks as in the stock pipeline, and like
     it guidance is skipped (instruction rows only) unless guidance_scale > 1 and
     image_guidance_scale >= 1; at image_guidance_scale == 1 the unconditional rows are skipped,
-    because they cancel out of the combination. Each image draws its noise from its own generator, so its output
-    does not depend on its batch. `use_channels_last` runs the UNet in channels-last memory
-    format for the call (same outputs within float tolerance, faster convolutions).
+    because they cancel out of the combination. Each image draws its noise from its own
+    generator, so its output does not depend on its batch. `use_channels_last` runs the UNet and
+    VAE in channels-last memory format for the call (same outputs within float tolerance, faster
+    convolutions).
     """
     unet, vae = pipe.unet, pipe.vae
     device, dtype = unet.device, next(unet.parameters()).dtype
