@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
 from editing.fpe import fpe_edit
+from editing.inversion import FIXED_POINT_ITERATIONS
 from editing.models import load_model
 from editing.p2p import ddim_p2p_edit
 from editing.photos import sample_photos
@@ -81,6 +82,12 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=1, help="square views per held-out photo (1-5)")
     parser.add_argument("--edits", default=None, help="comma-separated edit ids (default: all)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--inversion-iterations",
+        type=int,
+        default=FIXED_POINT_ITERATIONS,
+        help="fixed-point iterations of the DDIM inversion (0 = plain DDIM inversion, as in the papers)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +102,7 @@ def main() -> None:
     photos = torch.cat([square_views(p, resolution, args.views) for p in sample_photos("heldout").values()])
     print(
         f"model {loaded.model_id} ({loaded.sha256[:12]}), {len(photos)} images at {resolution} px, "
-        f"{args.steps} steps, {len(edits)} captions",
+        f"{args.steps} steps, {len(edits)} captions, {args.inversion_iterations} inversion iterations",
         flush=True,
     )
 
@@ -110,6 +117,7 @@ def main() -> None:
                 source_prompt=base,
                 target_prompt=edit["caption"],
                 num_inference_steps=args.steps,
+                inversion_iterations=args.inversion_iterations,
             )
             seconds = (time.perf_counter() - started) / len(photos)
             row = {

@@ -71,6 +71,13 @@ def edit_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Photos per batched UNet call.")] = 4,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    inversion_iterations: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Fixed-point iterations per DDIM inversion step (0 = plain inversion, as in the papers).",
+        ),
+    ] = 2,
 ) -> None:
     """Edit every photo under IMAGES_URI from --source-prompt to --target-prompt."""
     from editing.instruct_ops import pil_to_tensor, tensor_to_pil, to_native
@@ -83,7 +90,7 @@ def edit_command(
 
     if method is not Method.fpe and not source_prompt:
         raise typer.BadParameter(f"{method.value} inverts with the source prompt; give --source-prompt")
-    kwargs = _method_kwargs(method, w_inv, w_src, w_tgt)
+    kwargs = {**_method_kwargs(method, w_inv, w_src, w_tgt), "inversion_iterations": inversion_iterations}
     edit = _edit_function(method)
     source, destination = open_store(images_uri), open_store(output)
     loaded = load_model(materialise_model(model) if model else None, kind="t2i", device=device)

@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
 from editing.attention import FreePromptEdit, SelfLayerSelection
+from editing.inversion import FIXED_POINT_ITERATIONS
 from editing.text_edit import TextEditResult, run_text_edit
 
 
@@ -31,6 +32,7 @@ def fpe_edit(
     generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    inversion_iterations: int = FIXED_POINT_ITERATIONS,
 ) -> TextEditResult:
     """Edit (B, 3, h, w) images in [0, 1] at the model's resolution towards `target_prompt`.
 
@@ -55,4 +57,5 @@ def fpe_edit(
         generator=generator,
         device=device,
         dtype=dtype,
+        inversion_iterations=inversion_iterations,
     )

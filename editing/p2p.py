@@ -18,6 +18,7 @@ from editing.attention import (
     SelfLayerSelection,
     align_tokens,
 )
+from editing.inversion import FIXED_POINT_ITERATIONS
 from editing.text_edit import TextEditResult, run_text_edit
 
 
@@ -62,6 +63,7 @@ def ddim_p2p_edit(
     generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    inversion_iterations: int = FIXED_POINT_ITERATIONS,
 ) -> TextEditResult:
     """Edit (B, 3, h, w) images in [0, 1] at the model's resolution from `source_prompt` (what the
     photo shows) to `target_prompt`. The defaults are PIE-Bench's DDIM+P2P run."""
@@ -88,4 +90,5 @@ def ddim_p2p_edit(
         generator=generator,
         device=device,
         dtype=dtype,
+        inversion_iterations=inversion_iterations,
     )

@@ -22,6 +22,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
+from editing.inversion import FIXED_POINT_ITERATIONS
 from editing.p2p import ddim_p2p_edit
 from editing.text_edit import TextEditResult
 
@@ -41,6 +42,7 @@ def siminversion_edit(
     generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    inversion_iterations: int = FIXED_POINT_ITERATIONS,
 ) -> TextEditResult:
     """Edit (B, 3, h, w) images in [0, 1] at the model's resolution from `source_prompt` to
     `target_prompt`; with w_inv=1, w_src=w_tgt=7.5 this is exactly `ddim_p2p_edit`."""
@@ -60,4 +62,5 @@ def siminversion_edit(
         generator=generator,
         device=device,
         dtype=dtype,
+        inversion_iterations=inversion_iterations,
     )

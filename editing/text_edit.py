@@ -159,9 +159,12 @@ def run_text_edit(
     generator: torch.Generator | list[torch.Generator] | None,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
+    inversion_iterations: int = FIXED_POINT_ITERATIONS,
 ) -> TextEditResult:
     """Invert `image` (B, 3, h, w in [0, 1], the model's resolution) and sample [source, target].
 
+    `inversion_iterations` are the inversion's fixed-point iterations (0 = plain DDIM inversion,
+    as in the papers; each one costs one more UNet pass per inversion step).
     `make_controller(latent_tokens)` builds a fresh controller per call, so no state leaks from
     one edit into the next. `device`/`dtype`, when given, move the pipeline there first.
     """
@@ -174,7 +177,14 @@ def run_text_edit(
         pipe, ["", source_prompt, target_prompt, inversion_prompt]
     ).split(1)
     inversion = ddim_invert(
-        unet, pipe.scheduler.config, latents, inversion_embeds, uncond, num_inference_steps, w_inv
+        unet,
+        pipe.scheduler.config,
+        latents,
+        inversion_embeds,
+        uncond,
+        num_inference_steps,
+        w_inv,
+        fixed_point_iterations=inversion_iterations,
     )
     controller = make_controller(latents.shape[2] * latents.shape[3]) if make_controller else None
     control = attention_control(unet, controller) if controller is not None else nullcontext()
@@ -203,7 +213,7 @@ def run_text_edit(
             "w_src": w_src,
             "w_tgt": w_tgt,
             "drive_source": drive_source,
-            "inversion_fixed_point_iterations": FIXED_POINT_ITERATIONS,
+            "inversion_fixed_point_iterations": inversion_iterations,
             "controller": type(controller).__name__ if controller else None,
         },
     )
@@ -222,6 +232,7 @@ def regenerate(
     generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    inversion_iterations: int = FIXED_POINT_ITERATIONS,
 ) -> TextEditResult:
     """The no-control baseline: invert with the source prompt, then sample the target prompt
     alone from the inverted noise. Whatever structure survives here survives without attention
@@ -231,7 +242,16 @@ def regenerate(
     unet = pipe.unet
     latents = encode_images(pipe, image, generator).to(unet.dtype)
     uncond, source, target = encode_prompts(pipe, ["", source_prompt, target_prompt]).split(1)
-    inversion = ddim_invert(unet, pipe.scheduler.config, latents, source, uncond, num_inference_steps, w_inv)
+    inversion = ddim_invert(
+        unet,
+        pipe.scheduler.config,
+        latents,
+        source,
+        uncond,
+        num_inference_steps,
+        w_inv,
+        fixed_point_iterations=inversion_iterations,
+    )
     (target_latents,) = guided_ddim_sample(
         unet, pipe.scheduler.config, inversion.noise_latents, [target], uncond, [w_tgt], num_inference_steps
     )

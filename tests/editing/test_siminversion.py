@@ -83,3 +83,22 @@ def test_siminversion_runs_with_other_prediction_types(
         other, image=image, source_prompt="a photo", target_prompt="a sepia photo", num_inference_steps=STEPS
     )
     assert result.images.shape == image.shape and torch.isfinite(result.images).all()
+
+
+def test_inversion_iterations_reach_the_inversion_and_are_recorded(
+    pipe: StableDiffusionPipeline, image: torch.Tensor
+) -> None:
+    kwargs = {
+        "image": image,
+        "source_prompt": "a photo",
+        "target_prompt": "a sepia photo",
+        "num_inference_steps": 3,
+    }
+    plain = siminversion_edit(
+        pipe, generator=torch.Generator().manual_seed(0), inversion_iterations=0, **kwargs
+    )
+    refined = siminversion_edit(pipe, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert plain.params["inversion_fixed_point_iterations"] == 0
+    assert refined.params["inversion_fixed_point_iterations"] == 2
+    torch.testing.assert_close(plain.inversion.trajectory[0], refined.inversion.trajectory[0])
+    assert not torch.allclose(plain.inversion.noise_latents, refined.inversion.noise_latents)
