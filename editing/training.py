@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from editing.instruct_ops import denoising_target
 from editing.transforms import EDITS
 
 RESOLUTION = 64
@@ -410,7 +411,7 @@ def train_unet(
             source_latents = source_latents * (~drop_image).to(device, dtype).view(-1, 1, 1, 1)
             noisy = torch.cat([noisy, source_latents], dim=1)
         prediction = unet(noisy, timesteps.to(device), encoder_hidden_states=encoder_states).sample
-        loss = F.mse_loss(prediction, denoising_objective(scheduler, target_latents, noise, timesteps))
+        loss = F.mse_loss(prediction, denoising_target(scheduler, target_latents, noise, timesteps))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -420,18 +421,6 @@ def train_unet(
 
     log = _run(step, minutes, max_steps, kind)
     return unet.eval(), text_encoder.eval(), log
-
-
-def denoising_objective(scheduler: DDPMScheduler, clean: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """The UNet's regression target for the scheduler's prediction type."""
-    kind = scheduler.config.prediction_type
-    if kind == "sample":
-        return clean
-    if kind == "v_prediction":
-        return scheduler.get_velocity(clean, noise, timesteps)
-    if kind == "epsilon":
-        return noise
-    raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
 def build_pipeline(

@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from editing.instruct_ops import denoising_target
 from editing.training import (
     PREDICTION_TYPES,
     build_pipeline,
-    denoising_objective,
     new_vae,
     train_unet,
     training_scheduler,
@@ -24,15 +24,15 @@ def test_objective_matches_each_parameterisation() -> None:
     clean, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     timesteps = torch.tensor([0, 400, 999])
     alphas = training_scheduler().alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    assert torch.equal(denoising_objective(training_scheduler("sample"), clean, noise, timesteps), clean)
-    assert torch.equal(denoising_objective(training_scheduler("epsilon"), clean, noise, timesteps), noise)
-    v = denoising_objective(training_scheduler("v_prediction"), clean, noise, timesteps)
+    assert torch.equal(denoising_target(training_scheduler("sample"), clean, noise, timesteps), clean)
+    assert torch.equal(denoising_target(training_scheduler("epsilon"), clean, noise, timesteps), noise)
+    v = denoising_target(training_scheduler("v_prediction"), clean, noise, timesteps)
     torch.testing.assert_close(v, alphas.sqrt() * noise - (1 - alphas).sqrt() * clean)
     # v recovers the clean latent exactly from the noisy one: x0 = sqrt(a) x_t - sqrt(1 - a) v
     noisy = training_scheduler().add_noise(clean, noise, timesteps)
     torch.testing.assert_close(alphas.sqrt() * noisy - (1 - alphas).sqrt() * v, clean, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="unsupported prediction_type"):
-        denoising_objective(
+        denoising_target(
             training_scheduler("sample").from_config({"prediction_type": "x"}), clean, noise, timesteps
         )
 
