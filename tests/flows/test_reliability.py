@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -59,6 +60,17 @@ def _edited_outputs(store, run_id: str) -> list[str]:
     ]
 
 
+def _kill_when(
+    proc: subprocess.Popen, ready: Callable[[], object], what: str, deadline: float, log: Path
+) -> None:
+    """SIGKILL the flow process as soon as `ready()` is truthy; fail if it exits or times out first."""
+    while not ready():
+        assert proc.poll() is None, f"the flow process ended before {what}; see {log}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; see {log}"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+
+
 def test_worker_killed_mid_partition_then_rerun_loses_and_duplicates_nothing(
     prefect_harness, s3_uri, tiny_model, tmp_path
 ) -> None:
@@ -78,11 +90,7 @@ def test_worker_killed_mid_partition_then_rerun_loses_and_duplicates_nothing(
     try:
         # Generous: on a shared 2-core box the child's imports and instruction learning can crawl.
         deadline = time.monotonic() + 900
-        while not _edited_outputs(store, "kill-1"):
-            assert proc.poll() is None, f"the flow process ended before writing any output; see {log}"
-            assert time.monotonic() < deadline, f"no edited output appeared; see {log}"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
+        _kill_when(proc, lambda: _edited_outputs(store, "kill-1"), "writing any output", deadline, log)
     finally:
         proc.kill()
         proc.wait()
@@ -111,8 +119,18 @@ def _start_driver(config, slow_s: float, prefix: str, log: Path) -> subprocess.P
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "tests.flows.reliability_driver", config.model_dump_json(), str(slow_s), prefix],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "tests.flows.reliability_driver",
+                config.model_dump_json(),
+                str(slow_s),
+                prefix,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 
@@ -123,7 +141,8 @@ def test_killed_while_publishing_then_rerun_publishes_every_approved_item_exactl
     index = build_shop(store, partitions=3, per_partition=4)
     # Human review; a broken replay would pause the re-run until this deadline and then expire.
     config = refresh_config(s3_uri, "pubkill-1", tiny_model).model_copy(
-        update={"review": ReviewConfig(policy="human", timeout_s=240, poll_interval_s=1)})
+        update={"review": ReviewConfig(policy="human", timeout_s=240, poll_interval_s=1)}
+    )
     log = tmp_path / "driver.log"
     proc = _start_driver(config, 2.0, "published/", log)
     try:
@@ -136,14 +155,12 @@ def test_killed_while_publishing_then_rerun_publishes_every_approved_item_exactl
                 break
             except ReviewCliError:
                 time.sleep(0.3)
-        approve = CliRunner().invoke(app, ["review", "approve", "pubkill-1", "--all-passing", "--reviewer", "alice"])
+        approve = CliRunner().invoke(
+            app, ["review", "approve", "pubkill-1", "--all-passing", "--reviewer", "alice"]
+        )
         assert approve.exit_code == 0, approve.output
         assert "12 to approve, 0 to reject" in approve.output
-        while not list(store.list("published/")):
-            assert proc.poll() is None, f"the flow process ended before publishing anything; see {log}"
-            assert time.monotonic() < deadline, f"nothing was published; see {log}"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
+        _kill_when(proc, lambda: list(store.list("published/")), "publishing anything", deadline, log)
     finally:
         proc.kill()
         proc.wait()
@@ -162,8 +179,11 @@ def test_killed_while_publishing_then_rerun_publishes_every_approved_item_exactl
     assert review["outcome"] == "decided" and review["reviewers"] == ["alice"]
     pending_at_kill = int((at_kill["review_status"] == "pending").sum())
     # The objects copied before the kill were found identical, the rest created; nothing replaced.
-    assert review["published"] == {"created": pending_at_kill - len(published_at_kill),
-                                   "unchanged": len(published_at_kill), "replaced": 0}
+    assert review["published"] == {
+        "created": pending_at_kill - len(published_at_kill),
+        "unchanged": len(published_at_kill),
+        "replaced": 0,
+    }
     manifest = assert_nothing_lost(store, "pubkill-1", index).set_index("image_id")
     assert set(manifest["review_status"]) == {"approved"} and set(manifest["reviewer"]) == {"alice"}
     # Every row carries the time of the one decision, whichever process recorded it.
@@ -171,7 +191,8 @@ def test_killed_while_publishing_then_rerun_publishes_every_approved_item_exactl
     for image_id, row in manifest.iterrows():
         assert row["published_uri"] == store.uri_for(f"published/{row['category']}/{image_id}.png")
         assert store.get_bytes(key_for_uri(store, row["published_uri"])) == store.get_bytes(
-            key_for_uri(store, row["output_uri"])), image_id
+            key_for_uri(store, row["output_uri"])
+        ), image_id
     assert all(store.get_bytes(k) == data for k, data in published_at_kill.items())
 
 
