@@ -3,8 +3,6 @@ and the P2P token aligner maps shared words."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -18,12 +16,6 @@ from editing.attention import (
     attention_control,
 )
 from editing.text_edit import encode_prompts
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_t2i_dir: Path) -> StableDiffusionPipeline:
-    torch.set_num_threads(1)
-    return StableDiffusionPipeline.from_pretrained(tiny_t2i_dir, safety_checker=None)
 
 
 def _unet_inputs(pipe: StableDiffusionPipeline, rows: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,6 @@ steps; cross-attention is untouched; the source row follows the inversion trajec
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -16,12 +14,6 @@ from editing.text_edit import GuidanceStep, encode_images, encode_prompts, guide
 
 STEPS = 5
 LATENT_TOKENS = 16 * 16  # tiny model: 32 px images, x2 VAE
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_t2i_dir: Path) -> StableDiffusionPipeline:
-    torch.set_num_threads(1)
-    return StableDiffusionPipeline.from_pretrained(tiny_t2i_dir, safety_checker=None)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,6 @@ STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_t2i_dir: Path) -> StableDiffusionPipeline:
-    torch.set_num_threads(1)
-    return StableDiffusionPipeline.from_pretrained(tiny_t2i_dir, safety_checker=None)
-
-
-@pytest.fixture(scope="module")
 def latents(pipe: StableDiffusionPipeline) -> torch.Tensor:
     image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     return encode_images(pipe, image)

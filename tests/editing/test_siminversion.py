@@ -18,12 +18,6 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_t2i_dir: Path) -> StableDiffusionPipeline:
-    torch.set_num_threads(1)
-    return StableDiffusionPipeline.from_pretrained(tiny_t2i_dir, safety_checker=None)
-
-
-@pytest.fixture(scope="module")
 def image() -> torch.Tensor:
     return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
