@@ -11,6 +11,8 @@ other crops to test on. For every category we report PSNR to the ground truth fo
                     learning
     text            VISII-style text-space learning
     attention       InstructBrush attention-space learning (same steps, pairs and seed)
+    attention bf16  the same learned instruction applied by the model loaded in bfloat16 (the fast
+                    application dtype)
 
 at the model's native size (learned instructions at their own default guidance, chosen on their
 exemplar pairs by `learn_instruction`), plus the attention output at full resolution (lifted) against the
@@ -98,6 +100,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = load_model()
+    fast = load_model(dtype="bfloat16")  # the fast application dtype, scored on the same instructions
     spec_defaults = (model.spec or {}).get("defaults", {})
     resolution = int((model.spec or {}).get("resolution") or 64)
     apply_cfg = {
@@ -155,8 +158,10 @@ def main() -> None:
         best_phrase, best_scale = max(phrase_scores, key=phrase_scores.get)
         phrase_cfg = {**apply_cfg, "guidance_scale": best_scale}
 
-        def test_psnr(instruction, src=test_src, ids=test_ids, truth=test_gt, cfg=apply_cfg) -> float:
-            out = _native_outputs(model, instruction, src, ids, cfg)
+        def test_psnr(
+            instruction, src=test_src, ids=test_ids, truth=test_gt, cfg=apply_cfg, on=model
+        ) -> float:
+            out = _native_outputs(on, instruction, src, ids, cfg)
             return float(np.mean([_psnr(o, g) for o, g in zip(out, truth, strict=True)]))
 
         row = {
@@ -165,6 +170,7 @@ def main() -> None:
             "best_phrase": test_psnr(phrase_instruction(model, best_phrase, name), cfg=phrase_cfg),
             "text": test_psnr(text),
             "attention": test_psnr(attention),
+            "attention_bf16": test_psnr(attention, on=fast),
         }
         full_outputs = apply_instruction(
             model,
@@ -193,7 +199,7 @@ def main() -> None:
         print(
             f"{name:15s} identity {row['identity']:5.2f}  best phrase {row['best_phrase']:5.2f} "
             f"({best_phrase!r}, g {best_scale})  text {row['text']:5.2f} (g {text_g})  "
-            f"attention {row['attention']:5.2f} (g {attention_g})  "
+            f"attention {row['attention']:5.2f} (g {attention_g}; bfloat16 {row['attention_bf16']:5.2f})  "
             f"attention full-res {row['attention_fullres']:5.2f}  | learn attention {attention_s:5.1f} s, "
             f"text {text_s:5.1f} s | init {attention.instruction!r}",
             flush=True,
@@ -203,11 +209,12 @@ def main() -> None:
         return float(np.mean([r[key] for r in rows]))
 
     print("\nmean PSNR (dB) at native size over", len(rows), "categories x 5 test crops:")
-    for key in ("identity", "best_phrase", "text", "attention", "attention_fullres"):
+    for key in ("identity", "best_phrase", "text", "attention", "attention_bf16", "attention_fullres"):
         print(f"  {key:18s} {mean(key):6.2f}")
     print(f"attention - identity    = {mean('attention') - mean('identity'):+.2f} dB (target >= +3)")
     print(f"attention - best phrase = {mean('attention') - mean('best_phrase'):+.2f} dB (target >= +1)")
     print(f"attention - text        = {mean('attention') - mean('text'):+.2f} dB")
+    print(f"bfloat16 - float32      = {mean('attention_bf16') - mean('attention'):+.2f} dB (application dtype)")
     print(f"full-res - native       = {mean('attention_fullres') - mean('attention'):+.2f} dB (target >= -1)")
     print(
         f"learning one category (10 pairs, default steps): mean {mean('learn_attention_s'):.1f} s, "

@@ -7,7 +7,10 @@ path as the instruction. Outputs must agree within tolerance; the ratio is image
 Also reports the full `apply_instruction` (with lifting to full resolution) and the wall time of
 learning one category with the default settings.
 
-Run: nice -n 10 .venv/bin/python -m benchmarks.instruct_speed [--images 16]
+`--dtype bfloat16` runs both paths in bfloat16 (same dtype, same comparison) and also times the
+stock loop in float32, reporting our ratio and output difference against that float32 reference.
+
+Run: nice -n 10 .venv/bin/python -m benchmarks.instruct_speed [--images 16] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from editing.instruct import (
     phrase_instruction,
 )
 from editing.instruct_ops import pil_to_tensor, tensor_to_pil, to_native
-from editing.models import load_model
+from editing.models import DTYPES, load_model
 from editing.photos import sample_photos
 from editing.transforms import increase_contrast, warm
 
@@ -46,10 +49,17 @@ def main() -> None:
         help="text guidance scale (default: the model's); learned instructions may default to > 1, "
         "which runs the 3-row dual guidance",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="compute dtype of both paths; other than float32 also times a float32 stock reference",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = load_model()
+    model = load_model(dtype=args.dtype)
+    reference = load_model() if args.dtype != "float32" else None
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     defaults = (model.spec or {}).get("defaults", {})
@@ -75,33 +85,33 @@ def main() -> None:
     instruction = phrase_instruction(model, "make it warmer", "warm")
     print(
         f"model {model.model_id}, {args.images} images at {resolution} px, {steps} steps, "
-        f"guidance {text_scale}/{image_scale}, threads {args.threads}"
+        f"guidance {text_scale}/{image_scale}, threads {args.threads}, dtype {args.dtype}"
     )
 
-    # warm-up both paths once (first calls allocate)
-    pipe(
-        prompt_embeds=instruction.context[None],
-        image=native_pils[0],
-        num_inference_steps=steps,
-        guidance_scale=text_scale,
-        image_guidance_scale=image_scale,
-        output_type="pt",
-    )
-    edit_native(pipe, instruction.bank(pipe), natives[:2], seeds[:2], steps, text_scale, image_scale)
+    def stock_loop(stock_pipe=pipe, context=instruction.context, images=native_pils) -> torch.Tensor:
+        return torch.stack(
+            [
+                stock_pipe(
+                    prompt_embeds=context[None],
+                    image=image,
+                    num_inference_steps=steps,
+                    guidance_scale=text_scale,
+                    image_guidance_scale=image_scale,
+                    generator=torch.Generator().manual_seed(seed),
+                    output_type="pt",
+                ).images[0].float()
+                for image, seed in zip(images, seeds[: len(images)], strict=True)
+            ]
+        )
 
-    def stock_loop() -> list[torch.Tensor]:
-        return [
-            pipe(
-                prompt_embeds=instruction.context[None],
-                image=image,
-                num_inference_steps=steps,
-                guidance_scale=text_scale,
-                image_guidance_scale=image_scale,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="pt",
-            ).images[0]
-            for image, seed in zip(native_pils, seeds, strict=True)
-        ]
+    def reference_loop() -> torch.Tensor:
+        return stock_loop(reference.pipe, phrase_instruction(reference, "make it warmer").context)
+
+    # warm-up every path once at the shapes it is timed at (first calls allocate and pick kernels)
+    stock_loop(images=native_pils[:1])
+    edit_native(pipe, instruction.bank(pipe), natives, seeds, steps, text_scale, image_scale)
+    if reference is not None:
+        stock_loop(reference.pipe, phrase_instruction(reference, "make it warmer").context, native_pils[:1])
 
     def batched() -> torch.Tensor:
         return edit_native(pipe, instruction.bank(pipe), natives, seeds, steps, text_scale, image_scale)
@@ -116,6 +126,7 @@ def main() -> None:
                 num_inference_steps=steps,
                 guidance_scale=text_scale,
                 image_guidance_scale=image_scale,
+                dtype=args.dtype,
             ),
             seeds=seeds,
         )
@@ -125,21 +136,27 @@ def main() -> None:
         result = fn()
         return time.perf_counter() - started, result
 
-    # Rounds interleave the three paths, so load from anything else on the machine hits all of
-    # them alike; the ratio reported is the median of the per-round ratios.
+    # Rounds interleave the paths, so load from anything else on the machine hits all of them
+    # alike; the ratios reported are the medians of the per-round ratios.
     rounds = []
     for index in range(args.rounds):
         stock_s, stock = timed(stock_loop)
         ours_s, ours = timed(batched)
         full_s, _ = timed(lifted)
-        max_diff = float((ours - torch.stack(stock)).abs().max())
-        rounds.append((stock_s, ours_s, full_s, max_diff))
-        print(
+        ref_s, ref = timed(reference_loop) if reference is not None else (stock_s, stock)
+        max_diff = float((ours - stock).abs().max())
+        ref_diff = float((ours - ref).abs().max())
+        ref_psnr = float(-10 * torch.log10(((ours - ref) ** 2).mean().clamp_min(1e-12)))
+        rounds.append((stock_s, ours_s, full_s, max_diff, ref_s, ref_diff, ref_psnr))
+        line = (
             f"round {index + 1}: stock {args.images / stock_s:.2f} images/s, batched "
             f"{args.images / ours_s:.2f} ({stock_s / ours_s:.2f}x), with lifting {args.images / full_s:.2f} "
             f"({stock_s / full_s:.2f}x); max |ours - stock| {max_diff:.1e}"
         )
-    stock_s, ours_s, full_s, _ = (float(np.median(column)) for column in zip(*rounds, strict=True))
+        if reference is not None:
+            line += f"; float32 stock {args.images / ref_s:.2f} images/s ({ref_s / ours_s:.2f}x)"
+        print(line)
+    stock_s, ours_s, full_s = (float(np.median([r[i] for r in rounds])) for i in range(3))
     native_ratio = float(np.median([r[0] / r[1] for r in rounds]))
     lift_ratio = float(np.median([r[0] / r[2] for r in rounds]))
     max_diff = max(r[3] for r in rounds)
@@ -149,9 +166,17 @@ def main() -> None:
     print(f"batched + lift      : {args.images / full_s:6.2f} images/s ({full_s:.1f} s, full resolution)")
     print(
         f"throughput ratio    : {native_ratio:.2f}x native, {lift_ratio:.2f}x with lifting "
-        f"(median of {args.rounds} rounds; target >= 3x)"
+        f"(median of {args.rounds} rounds, both in {args.dtype}; target >= 3x)"
     )
-    print(f"max |ours - stock|  : {max_diff:.2e} (images in [0, 1])")
+    print(f"max |ours - stock|  : {max_diff:.2e} (images in [0, 1], both in {args.dtype})")
+    if reference is not None:
+        ref_s = float(np.median([r[4] for r in rounds]))
+        print(
+            f"vs float32 stock    : {args.images / ref_s:6.2f} images/s ({ref_s:.1f} s); ours "
+            f"{float(np.median([r[4] / r[1] for r in rounds])):.2f}x native, "
+            f"{float(np.median([r[4] / r[2] for r in rounds])):.2f}x with lifting; max |ours - float32 "
+            f"stock| {max(r[5] for r in rounds):.2e}, PSNR {min(r[6] for r in rounds):.1f} dB"
+        )
 
     if not args.skip_learning:
         photo = photos[0]
@@ -165,7 +190,7 @@ def main() -> None:
                 InstructionPair(f"p{i}", tensor_to_pil(x), tensor_to_pil(increase_contrast(warm(x[None]))[0]))
             )
         started = time.perf_counter()
-        learned = learn_instruction(model, pairs, LearnConfig(), category="warm_contrast")
+        learned = learn_instruction(reference or model, pairs, LearnConfig(), category="warm_contrast")
         learn_s = time.perf_counter() - started
         print(
             f"learning one category: {learn_s:.1f} s for 10 pairs, {learned.metadata['steps']} steps "

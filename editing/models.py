@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
@@ -27,6 +27,26 @@ PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "t2i": StableDiffusionPipeline,
 }
 UNET_IN_CHANNELS = {"ip2p": 8, "t2i": 4}
+# Compute dtypes by the names configs and the CLI use.
+DTypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its config name ("float32", "bfloat16", "float16"); dtypes pass through."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name of a torch dtype (inverse of `parse_dtype`)."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported model dtype {dtype}; use one of {sorted(DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,11 @@ class LoadedModel:
     sha256: str
     path: Path
     spec: dict[str, Any] | None
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype of the UNet, by name ("float32", "bfloat16", "float16")."""
+        return dtype_name(next(self.pipe.unet.parameters()).dtype)
 
 
 def shipped_model_dir(kind: str) -> Path:
@@ -93,9 +118,15 @@ def load_model(
     path: str | Path | None = None,
     kind: str = "ip2p",
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> LoadedModel:
-    """Load a local diffusers folder with the stock pipeline of its kind, never touching the network."""
+    """Load a local diffusers folder with the stock pipeline of its kind, never touching the network.
+
+    `dtype` (a torch dtype or its name) is the compute dtype of every component. Learning needs
+    float32; application also runs in bfloat16 (fast on GPUs and on CPUs with AMX / AVX512-BF16)
+    or float16 (GPUs).
+    """
+    dtype = parse_dtype(dtype)
     if kind not in PIPELINES:
         raise ValueError(f"kind must be one of {sorted(PIPELINES)}, got {kind!r}")
     if path is not None and str(path).startswith("s3://"):

@@ -104,7 +104,7 @@ def edit_category(job: PartitionJob, category: str, items: list[dict]) -> list[d
         reason = (record or {}).get("reason", f"no exemplars for category {category!r}")
         return bad_rows + [error_row(job, item, "no_instruction", reason) for item in items]
     store, out = open_store(job.store_uri), open_store(job.output_uri)
-    model = cached_model(job.model_uri, job.device)
+    model = cached_model(job.model_uri, job.device, job.apply.dtype)
     instruction = cached_instruction(out, record, model)
     rows = bad_rows
     # Batch by batch, so a partition of large photos never holds more than one batch in memory.

@@ -1,7 +1,8 @@
 """The model, loaded once per worker process, and the guarded model step.
 
 Partitions run as threads of one process (or as runs on a GPU worker); loading a diffusion model per
-partition would cost more than editing it, so the loaded model is cached by (location, device).
+partition would cost more than editing it, so the loaded model is cached by (location, device, dtype):
+learning always uses float32, application the configured dtype.
 Diffusers schedulers keep per-call state, so one process runs one model batch at a time; the optional
 Prefect global concurrency slot extends that limit across processes and machines.
 """
@@ -17,18 +18,19 @@ from prefect.concurrency.sync import concurrency
 from editing.models import LoadedModel, load_model
 from storage.model_cache import materialise_model
 
-_MODELS: dict[tuple[str, str], LoadedModel] = {}
+_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
 _LOAD_LOCK = threading.Lock()
 _STEP_LOCK = threading.Lock()
 
 
-def cached_model(model_uri: str | None, device: str) -> LoadedModel:
-    """The InstructPix2Pix-format model at `model_uri` (None: the shipped one), loaded at most once."""
-    key = (model_uri or "", device)
+def cached_model(model_uri: str | None, device: str, dtype: str = "float32") -> LoadedModel:
+    """The InstructPix2Pix-format model at `model_uri` (None: the shipped one) in `dtype`, loaded at
+    most once per process."""
+    key = (model_uri or "", device, dtype)
     with _LOAD_LOCK:
         if key not in _MODELS:
             path = materialise_model(model_uri) if model_uri else None
-            _MODELS[key] = load_model(path, kind="ip2p", device=device)
+            _MODELS[key] = load_model(path, kind="ip2p", device=device, dtype=dtype)
         return _MODELS[key]
 
 

@@ -65,6 +65,17 @@ def test_learn_then_apply_skips_the_corrupt_photo_and_writes_the_rest(tmp_path: 
     assert summary["instruction_sha256"] == json.loads((tmp_path / "instr" / "warm.json").read_text())["content_sha256"]
     assert Image.open(out / "a.png").size == (50, 30)
     assert Image.open(out / "b.png").size == (36, 36)
+    assert summary["dtype"] == "float32"
+
+    fast = tmp_path / "out-bf16"
+    applied = runner.invoke(app, [
+        "apply", str(artifact), str(photos), "--output", str(fast), "--model", str(tiny_model), "--dtype", "bfloat16",
+    ])
+    assert applied.exit_code == 0, applied.output
+    summary = _last_json(applied.stdout)
+    assert summary["dtype"] == "bfloat16" and summary["written"] == 2 and summary["failed"] == 1
+    a, b = (np.asarray(Image.open(folder / "a.png"), dtype=float) for folder in (out, fast))
+    assert a.shape == b.shape and np.abs(a - b).mean() < 2  # the same edit, in bfloat16
 
 
 def test_apply_refuses_an_instruction_learned_on_another_model(tmp_path: Path, tiny_model: Path) -> None:

@@ -147,6 +147,24 @@ def test_unchanged_inputs_learn_nothing_on_the_next_night(first_run, shop_uri, t
     assert len(read_manifest(store, "night-2")) == 7
 
 
+def test_bfloat16_application_is_a_config_field_and_the_manifest_records_it(first_run, shop_uri, tiny_model):
+    """apply.dtype reaches the model step (learning stays float32 and is reused) and every row's params."""
+    from flows.refresh import catalogue_refresh
+
+    config = refresh_config(shop_uri, tiny_model, "night-bf16")
+    config.apply.dtype = "bfloat16"
+    summary = catalogue_refresh(config)
+    assert summary["instructions"] == {"learned": 0, "reused": 2, "not_learned": 1}
+    store = open_store(shop_uri)
+    manifest = read_manifest(store, "night-bf16")
+    assert len(manifest) == 7
+    assert {json.loads(p)["apply"]["dtype"] for p in manifest["params"]} == {"bfloat16"}
+    edited = manifest.dropna(subset=["output_uri"])
+    assert sorted(edited["image_id"]) == ["a1", "a2", "a3", "b1", "b2"]
+    first = read_manifest(store, "night-1")
+    assert {json.loads(p)["apply"]["dtype"] for p in first["params"]} == {"float32"}
+
+
 def test_rerun_of_a_finished_run_skips_every_partition_and_duplicates_nothing(first_run, shop_uri, tiny_model):
     from flows.refresh import catalogue_refresh
 
