@@ -315,7 +315,7 @@ def test_bfloat16_application_follows_float32_and_the_bfloat16_stock_pipeline(mo
     half = apply_instruction(model_bf16, learned, images, ApplyConfig(**config, dtype="bfloat16"), seeds=[5, 6])
     for a, b in zip(full, half, strict=True):
         diff = np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float))
-        assert a.size == b.size and diff.mean() < 2 and diff.max() <= 24, (diff.mean(), diff.max())
+        assert a.size == b.size and diff.mean() < 2 and diff.max() <= 40, (diff.mean(), diff.max())
     pipe = model_bf16.pipe
     instruction = phrase_instruction(model_bf16, "make it warmer")
     sources = torch.stack([pil_to_tensor(_image(22, (32, 32)))])
@@ -325,7 +325,11 @@ def test_bfloat16_application_follows_float32_and_the_bfloat16_stock_pipeline(mo
         guidance_scale=2.0, image_guidance_scale=1.5, generator=torch.Generator().manual_seed(7),
         output_type="pt",
     ).images[0].float()
-    assert ours.dtype == torch.float32 and (ours[0] - stock).abs().max() < 0.02
+    # bfloat16 rounding, amplified by the random model, differs with kernel choice (measured: mean
+    # 0.0046-0.0060, max up to 0.065 over seeds, threads and memory formats); a real difference
+    # such as text guidance 1.5 instead of 2.0 moves the mean by 0.0116, another instruction 0.023.
+    error = (ours[0] - stock).abs()
+    assert ours.dtype == torch.float32 and error.mean() < 0.009 and error.max() < 0.1, (error.mean(), error.max())
 
 
 def test_apply_refuses_a_config_dtype_other_than_the_models(model, learned) -> None:
