@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
 from editing.fpe import fpe_edit
-from editing.inversion import FIXED_POINT_ITERATIONS
 from editing.models import load_model
 from editing.p2p import ddim_p2p_edit
 from editing.photos import sample_photos
@@ -85,8 +84,9 @@ def main() -> None:
     parser.add_argument(
         "--inversion-iterations",
         type=int,
-        default=FIXED_POINT_ITERATIONS,
-        help="fixed-point iterations of the DDIM inversion (0 = plain DDIM inversion, as in the papers)",
+        default=None,
+        help="fixed-point iterations of the DDIM inversion for every method (0 = plain DDIM inversion, "
+        "as in the papers); default: each method's own (SimInversion 1, the others 2)",
     )
     args = parser.parse_args()
     if args.threads:
@@ -102,7 +102,8 @@ def main() -> None:
     photos = torch.cat([square_views(p, resolution, args.views) for p in sample_photos("heldout").values()])
     print(
         f"model {loaded.model_id} ({loaded.sha256[:12]}), {len(photos)} images at {resolution} px, "
-        f"{args.steps} steps, {len(edits)} captions, {args.inversion_iterations} inversion iterations",
+        f"{args.steps} steps, {len(edits)} captions, inversion iterations: "
+        f"{'each method default' if args.inversion_iterations is None else args.inversion_iterations}",
         flush=True,
     )
 
@@ -117,12 +118,13 @@ def main() -> None:
                 source_prompt=base,
                 target_prompt=edit["caption"],
                 num_inference_steps=args.steps,
-                inversion_iterations=args.inversion_iterations,
+                **({} if args.inversion_iterations is None else {"inversion_iterations": args.inversion_iterations}),
             )
             seconds = (time.perf_counter() - started) / len(photos)
             row = {
                 "edit": edit.get("id", edit["caption"]),
                 "method": name,
+                "inversion_iterations": result.params["inversion_fixed_point_iterations"],
                 "psnr_vs_truth": psnr(result.images, truth),
                 "psnr_identity_vs_truth": psnr(photos, truth),
                 "ssim_luma": ssim_luma(result.images, photos),
@@ -134,14 +136,15 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     print("\nmean over captions")
-    header = f"{'method':<14}{'psnr_vs_truth':>14}{'ssim_luma':>11}{'ssim_struct':>12}{'psnr_src_row':>13}"
+    header = f"{'method (iter.)':<18}{'psnr_vs_truth':>14}{'ssim_luma':>11}{'ssim_struct':>12}{'psnr_src_row':>13}"
     print(header + f"{'s/edit':>9}{'time/p2p':>10}")
     baseline_time = np.mean([r["s_per_edit"] for r in rows if r["method"] == "ddim_p2p"])
     for name in METHODS:
         mine = [r for r in rows if r["method"] == name]
         mean = {k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("edit", "method")}
+        label = f"{name} ({mine[0]['inversion_iterations']})"
         print(
-            f"{name:<14}{mean['psnr_vs_truth']:>14.2f}{mean['ssim_luma']:>11.3f}{mean['ssim_structure']:>12.3f}"
+            f"{label:<18}{mean['psnr_vs_truth']:>14.2f}{mean['ssim_luma']:>11.3f}{mean['ssim_structure']:>12.3f}"
             f"{mean['psnr_source_row']:>13.2f}{mean['s_per_edit']:>9.2f}{mean['s_per_edit'] / baseline_time:>10.2f}"
         )
     print(f"identity (no edit) psnr_vs_truth {np.mean([r['psnr_identity_vs_truth'] for r in rows]):.2f}")

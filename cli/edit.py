@@ -7,6 +7,7 @@ with the same stem; unreadable inputs are reported and skipped; the last line is
 
 from __future__ import annotations
 
+import inspect
 import time
 from enum import Enum
 from typing import Annotated
@@ -72,12 +73,13 @@ def edit_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Photos per batched UNet call.")] = 4,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     inversion_iterations: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
-            help="Fixed-point iterations per DDIM inversion step (0 = plain inversion, as in the papers).",
+            help="Fixed-point iterations per DDIM inversion step (0 = plain inversion, as in the papers; "
+            "default: 1 for SimInversion, 2 for the others).",
         ),
-    ] = 2,
+    ] = None,
 ) -> None:
     """Edit every photo under IMAGES_URI from --source-prompt to --target-prompt."""
     from editing.instruct_ops import pil_to_tensor, tensor_to_pil, to_native
@@ -90,8 +92,10 @@ def edit_command(
 
     if method is not Method.fpe and not source_prompt:
         raise typer.BadParameter(f"{method.value} inverts with the source prompt; give --source-prompt")
-    kwargs = {**_method_kwargs(method, w_inv, w_src, w_tgt), "inversion_iterations": inversion_iterations}
     edit = _edit_function(method)
+    if inversion_iterations is None:  # the method's own default, recorded in the summary
+        inversion_iterations = inspect.signature(edit).parameters["inversion_iterations"].default
+    kwargs = {**_method_kwargs(method, w_inv, w_src, w_tgt), "inversion_iterations": inversion_iterations}
     source, destination = open_store(images_uri), open_store(output)
     loaded = load_model(materialise_model(model) if model else None, kind="t2i", device=device)
     resolution = int(

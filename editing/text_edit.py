@@ -265,5 +265,6 @@ def regenerate(
             "num_inference_steps": num_inference_steps,
             "w_inv": w_inv,
             "w_tgt": w_tgt,
+            "inversion_fixed_point_iterations": inversion_iterations,
         },
     )

@@ -70,6 +70,8 @@ def test_edit_writes_one_png_per_photo_and_reports_the_corrupt_one(
     assert summary["written"] == 2 and summary["failed"] == 1
     assert summary["failures"][0]["key"] == "broken.png"
     assert summary["params"]["seed"] == 3 and summary["params"]["num_inference_steps"] == 2
+    # each method's own default inversion: one fixed-point iteration for SimInversion, two otherwise
+    assert summary["params"]["inversion_iterations"] == (1 if method == "siminversion" else 2)
     assert "2/3" in output or "3/3" in output
 
 

@@ -54,7 +54,7 @@ def test_classic_setting_reproduces_ddim_p2p(pipe: StableDiffusionPipeline, imag
         "num_inference_steps": STEPS,
     }
     baseline = ddim_p2p_edit(pipe, **args)
-    classic = siminversion_edit(pipe, **args, w_inv=1.0, w_src=7.5, w_tgt=7.5)
+    classic = siminversion_edit(pipe, **args, w_inv=1.0, w_src=7.5, w_tgt=7.5, inversion_iterations=2)
     torch.testing.assert_close(classic.images, baseline.images, rtol=0, atol=0)
     default = siminversion_edit(pipe, **args)
     assert (default.params["w_inv"], default.params["w_src"], default.params["w_tgt"]) == (0.5, 0.5, 7.5)
@@ -93,6 +93,7 @@ def test_inversion_iterations_reach_the_inversion_and_are_recorded(
     )
     refined = siminversion_edit(pipe, generator=torch.Generator().manual_seed(0), **kwargs)
     assert plain.params["inversion_fixed_point_iterations"] == 0
-    assert refined.params["inversion_fixed_point_iterations"] == 2
+    assert refined.params["inversion_fixed_point_iterations"] == 1  # SimInversion's default
+    assert ddim_p2p_edit(pipe, **kwargs).params["inversion_fixed_point_iterations"] == 2
     torch.testing.assert_close(plain.inversion.trajectory[0], refined.inversion.trajectory[0])
     assert not torch.allclose(plain.inversion.noise_latents, refined.inversion.noise_latents)
