@@ -137,7 +137,7 @@ def test_load_model_reports_what_the_manifest_records(offline: None) -> None:
 
 def test_shipped_ip2p_in_bfloat16_edits_like_float32(offline: None) -> None:
     """The fast application dtype: same instruction, seeds and photos; the bfloat16 outputs stay
-    within 45 dB PSNR of the float32 ones (measured 55 dB on 16 photos at 20 steps)."""
+    within 45 dB PSNR of the float32 ones (measured about 55 dB on held-out photos at 20 steps)."""
     from editing.instruct import ApplyConfig, apply_instruction, phrase_instruction
 
     photos = [_photo(64), _photo(96)]
