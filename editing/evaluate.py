@@ -25,18 +25,13 @@ from PIL import Image
 from torch import Tensor
 
 from editing.inversion import FIXED_POINT_ITERATIONS, ddim_invert
+from editing.metrics import psnr
 from editing.models import LoadedModel, load_model
 from editing.photos import sample_photos
 from editing.transforms import resolve_transform
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 INVERSION_STEPS = 50
-
-
-def psnr(a: Tensor, b: Tensor) -> float:
-    """Mean PSNR over a batch of [0, 1] images (per-image PSNR, then averaged)."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
 
 
 def photo_views(photo: np.ndarray, resolution: int) -> Tensor:
