@@ -15,7 +15,7 @@ from cli.main import app
 
 def load_refresh_config(path: Path):
     """A RefreshConfig from YAML or JSON (JSON is YAML); bad fields are refused with their names."""
-    from flows.config import RefreshConfig
+    from tasks.params import RefreshConfig
 
     return RefreshConfig.model_validate(yaml.safe_load(path.read_text()) or {})
 

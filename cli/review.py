@@ -25,8 +25,9 @@ from prefect.flow_runs import resume_flow_run
 from pydantic import ValidationError
 
 from cli.main import app
-from flows.review import RUN_TAG_PREFIX, ReviewDecision, expire_overdue_reviews
-from tasks.review import pending_rows, summarise, verdicts_for
+from flows.expire import expire_overdue_reviews
+from tasks.params import ReviewDecision
+from tasks.review import RUN_TAG_PREFIX, pending_rows, run_tag, summarise, verdicts_for
 
 review_app = typer.Typer(help="Human review of a refresh run: list what waits, approve, reject.")
 app.add_typer(review_app, name="review")
@@ -58,7 +59,7 @@ def store_uri_of(flow_run: FlowRun) -> str | None:
 
 def find_paused_flow_run(run_id: str) -> FlowRun:
     """The one paused flow run reviewing `run_id`; a clear error for none or several."""
-    runs = _paused_runs([RUN_TAG_PREFIX + run_id])
+    runs = _paused_runs([run_tag(run_id)])
     if not runs:
         raise ReviewCliError(
             f"no paused flow run is waiting for review of run {run_id!r}; `retouch review list` shows "

@@ -24,6 +24,13 @@ from editing.photos import photo_names, sample_photos
 from editing.transforms import EDITS
 from storage.images import encode_png
 from storage.layout import write_catalogue_index
+from storage.run_layout import (
+    PUBLISHED_PREFIX,
+    contact_sheets_prefix,
+    edited_prefix,
+    manifest_prefix,
+    summary_key,
+)
 from storage.store import Store, open_store
 
 # name -> the edits composed, in order: what a retoucher's "house style" might be.
@@ -109,7 +116,7 @@ def where(store: Store, key: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo-output", help="folder for the demo store (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=None, help="instruction learning steps (default: LearnConfig's)")
+    parser.add_argument("--steps", type=int, default=None, help="instruction learning steps (default: LearnParams's)")
     parser.add_argument("--model", default=None, help="model folder or s3:// prefix (default: the shipped model)")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -117,9 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     # take longer than Prefect's 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-    from flows.config import LearnConfig, RefreshConfig
     from flows.refresh import catalogue_refresh
-    from flows.review import ReviewConfig
+    from tasks.params import LearnParams, RefreshConfig, ReviewConfig
 
     started = time.monotonic()
     root = Path(args.output).resolve() / "store"
@@ -127,19 +133,19 @@ def main(argv: list[str] | None = None) -> dict:
     built = build_demo_store(store)
     print(f"demo store {root}: {built['pairs']} exemplar pairs in {len(STYLES)} styles (+1 broken), "
           f"{built['catalogue']} catalogue images in {built['partitions']} partitions (1 corrupt)")
-    learn = LearnConfig() if args.steps is None else LearnConfig(steps=args.steps)
+    learn = LearnParams() if args.steps is None else LearnParams(steps=args.steps)
     config = RefreshConfig(store_uri=str(root), model_uri=args.model, learn=learn,
                            review=ReviewConfig(policy="auto_approve_passing"))
     summary = catalogue_refresh(config)
     print()
     print(results_table(summary))
     print()
-    run = f"run={summary['run_id']}"
-    print(f"edited images   {where(store, f'edited/{run}')}")
-    print(f"manifest        {where(store, f'manifest/{run}')}")
-    print(f"contact sheets  {where(store, f'edited/{run}/contact-sheets')}")
-    print(f"published       {where(store, 'published')}  {summary['review'].get('published', {})}")
-    print(f"run summary     {where(store, 'runs/' + summary['run_id'] + '/summary.json')}")
+    run = summary["run_id"]
+    print(f"edited images   {where(store, edited_prefix(run))}")
+    print(f"manifest        {where(store, manifest_prefix(run))}")
+    print(f"contact sheets  {where(store, contact_sheets_prefix(run))}")
+    print(f"published       {where(store, PUBLISHED_PREFIX)}  {summary['review'].get('published', {})}")
+    print(f"run summary     {where(store, summary_key(run))}")
     print(f"wall time       {time.monotonic() - started:.0f} s")
     return summary
 

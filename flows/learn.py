@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, unmapped
 
-from flows.config import RefreshConfig
 from tasks.ingest import exemplar_categories, validate_exemplars
 from tasks.learn import learn_or_reuse
+from tasks.params import RefreshConfig
 from tasks.report import report_exemplar_problems
 
 
@@ -26,7 +26,7 @@ def learn_instructions(config: RefreshConfig) -> dict[str, dict]:
             records[category["category"]] = too_few_pairs(category, config.learn.min_pairs)
             continue
         records[category["category"]] = learn_or_reuse(
-            config.store_uri, config.outputs_uri, category, config.model_uri, config.device,
+            config.store_uri, config.output_uri, category, config.model_uri, config.device,
             config.learn, config.model_slot,
         )
     return records

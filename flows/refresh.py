@@ -22,20 +22,22 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.config import PartitionJob, RefreshConfig
 from flows.learn import learn_instructions
 from flows.review import review_and_publish
+from storage.run_layout import done_key, edited_prefix, manifest_prefix
 from storage.store import open_store
-from tasks.edit import SAME_REFRESH_RUN, done_key, edit_partition
+from tasks.edit import SAME_REFRESH_RUN, edit_partition
 from tasks.ingest import catalogue_partitions
+from tasks.params import PartitionJob, RefreshConfig
 from tasks.report import report_category, write_run_summary
+from tasks.review import run_tag
 
 
 @flow(name="catalogue-refresh")
 def catalogue_refresh(config: RefreshConfig) -> dict:
     """Refresh the edited catalogue; returns the run summary (also at runs/<run_id>/summary.json)."""
     run_id = config.run_id or scheduled_run_id()
-    get_run_logger().info("run %s: %s -> %s", run_id, config.store_uri, config.outputs_uri)
+    get_run_logger().info("run %s: %s -> %s", run_id, config.store_uri, config.output_uri)
     timings: dict[str, float] = {}
     with stage(timings, "ingest"):
         partitions = catalogue_partitions.with_options(cache_policy=SAME_REFRESH_RUN, persist_result=True)(
@@ -49,12 +51,12 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
     with stage(timings, "report"):
         categories = sorted({item["category"] for items in partitions.values() for item in items})
         reports = report_category.with_options(cache_policy=SAME_REFRESH_RUN, persist_result=True).map(
-            unmapped(config.store_uri), unmapped(config.outputs_uri), unmapped(run_id), categories,
+            unmapped(config.store_uri), unmapped(config.output_uri), unmapped(run_id), categories,
             [instructions.get(c, {}) for c in categories]).result()
     with stage(timings, "review"):
-        review = review_and_publish(config.outputs_uri, run_id, config.review)
+        review = review_and_publish(config.output_uri, run_id, config.review)
     summary = run_summary(config, run_id, instructions, edited, reports, review, timings)
-    write_run_summary(config.outputs_uri, run_id, summary)
+    write_run_summary(config.output_uri, run_id, summary)
     return summary
 
 
@@ -106,7 +108,7 @@ def edit_partition_on_pool(job: PartitionJob, deployment: str) -> dict:
     if out.exists(marker):
         return {**json.loads(out.get_bytes(marker)), "skipped": True}
     run = run_deployment(deployment, parameters={"job": job.model_dump(mode="json")}, timeout=None,
-                         tags=[f"run:{job.run_id}"])
+                         tags=[run_tag(job.run_id)])
     if not run.state or not run.state.is_completed():
         raise RuntimeError(f"partition {job.partition}: flow run {run.name} ended {run.state_name}")
     return {**json.loads(out.get_bytes(marker)), "skipped": False}
@@ -126,7 +128,7 @@ def partition_job(config: RefreshConfig, run_id: str, partition: str, items: lis
     """The partition's work order, carrying only the instructions its categories need."""
     needed = {item["category"] for item in items}
     return PartitionJob(
-        store_uri=config.store_uri, output_uri=config.outputs_uri, run_id=run_id, partition=partition,
+        store_uri=config.store_uri, output_uri=config.output_uri, run_id=run_id, partition=partition,
         items=items, instructions={c: r for c, r in instructions.items() if c in needed},
         model_uri=config.model_uri, device=config.device, model_slot=config.model_slot,
         apply=config.apply, qc=config.qc,
@@ -148,13 +150,13 @@ def stage(timings: dict[str, float], name: str) -> Iterator[None]:
 def run_summary(config: RefreshConfig, run_id: str, instructions: dict, edited: list[dict], reports: list[dict],
                 review: dict, timings: dict[str, float]) -> dict:
     """Counts, QC distribution, instruction provenance and timings of the run."""
-    out = open_store(config.outputs_uri)
+    out = open_store(config.output_uri)
     return {
         "run_id": run_id,
         "store_uri": config.store_uri,
-        "output_uri": config.outputs_uri,
-        "edited_uri": out.uri_for(f"edited/run={run_id}"),
-        "manifest_uri": out.uri_for(f"manifest/run={run_id}"),
+        "output_uri": config.output_uri,
+        "edited_uri": out.uri_for(edited_prefix(run_id)),
+        "manifest_uri": out.uri_for(manifest_prefix(run_id)),
         "categories": {
             r["category"]: {**r, "instruction": instruction_note(instructions.get(r["category"]))} for r in reports
         },

@@ -2,7 +2,7 @@
 
 `MANIFEST_SCHEMA` is the only definition of the columns; writers go through `manifest_row`, which
 refuses bad values before they reach a file that dashboards and DuckDB queries depend on. Files are
-Hive-partitioned (`manifest/run=<run_id>/part-<partition>.parquet`) and each is written in a single
+Hive-partitioned (`storage.run_layout.manifest_key`) and each is written in a single
 atomic put, last, so a crashed partition leaves no half-written manifest and is simply redone.
 """
 
@@ -20,22 +20,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.keys import InvalidKeyError, validate_key
+from storage.run_layout import MANIFEST_PREFIX, RunLayoutError, manifest_key, manifest_prefix, segment
 from storage.store import Store
 
 __all__ = [
-    "MANIFEST_PREFIX",
     "MANIFEST_SCHEMA",
     "QC_STATUSES",
     "REVIEW_STATUSES",
     "ManifestError",
-    "manifest_key",
     "manifest_row",
     "read_manifest",
     "write_manifest_partition",
 ]
 
-MANIFEST_PREFIX = "manifest/"
 QC_STATUSES = ("pass", "flag", "fail", "error")
 REVIEW_STATUSES = ("pending", "approved", "rejected", "expired")
 
@@ -178,20 +175,11 @@ def _int64(name: str, value: Any) -> int:
 
 
 def _segment(name: str, value: str) -> str:
-    """run_id and partition become path segments, so they obey the key rules and hold no `/`."""
+    """run_id and partition become key segments (storage.run_layout); a bad one is a bad row."""
     try:
-        validate_key(value)
-    except InvalidKeyError as exc:
-        raise ManifestError(f"{name}: {exc}") from None
-    if "/" in value or "=" in value:
-        raise ManifestError(f"{name}: {value!r} must not contain '/' or '='")
-    return value
-
-
-def manifest_key(run_id: str, partition: str | int) -> str:
-    """`manifest/run=<run_id>/part-<partition>.parquet`: Hive-style, so DuckDB/pyarrow can prune runs."""
-    run, part = _segment("run_id", run_id), _segment("partition", str(partition))
-    return f"{MANIFEST_PREFIX}run={run}/part-{part}.parquet"
+        return segment(name, value)
+    except RunLayoutError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def write_manifest_partition(
@@ -218,7 +206,7 @@ def write_manifest_partition(
 
 def read_manifest(store: Store, run_id: str | None = None) -> pd.DataFrame:
     """All manifest rows (of one run, if given) as a DataFrame with the schema's columns and types."""
-    prefix = MANIFEST_PREFIX if run_id is None else f"{MANIFEST_PREFIX}run={_segment('run_id', run_id)}/"
+    prefix = MANIFEST_PREFIX if run_id is None else manifest_prefix(run_id) + "/"
     tables = []
     for key in store.list(prefix):
         name = key.rsplit("/", 1)[-1]

@@ -30,12 +30,12 @@ from editing.instruct import LearnedInstruction, apply_instruction, load_instruc
 from editing.models import LoadedModel
 from editing.quality import assess
 from editing.seeds import item_seed
-from flows.config import PartitionJob
 from storage.images import ImageError, encode_png, load_image
-from storage.keys import join_key
 from storage.manifest import manifest_row, write_manifest_partition
+from storage.run_layout import done_key, output_key
 from storage.store import NotFoundError, Store, open_store
 from tasks.models import cached_model, model_step
+from tasks.params import PartitionJob
 
 METHOD = "instructbrush"
 _INSTRUCTIONS: dict[tuple[str, str], LearnedInstruction] = {}
@@ -57,14 +57,6 @@ class RootFlowRun(CachePolicy):
 
 # Reused within one refresh flow run (resume after review, retry), never by a later run.
 SAME_REFRESH_RUN = INPUTS + TASK_SOURCE + RootFlowRun()
-
-
-def done_key(run_id: str, partition: str) -> str:
-    return join_key("edited", f"run={run_id}", "_done", f"{partition}.json")
-
-
-def output_key(run_id: str, category: str, partition: str, image_id: str) -> str:
-    return join_key("edited", f"run={run_id}", category, partition, f"{image_id}.png")
 
 
 @task(retries=1, retry_delay_seconds=[10], cache_policy=SAME_REFRESH_RUN, persist_result=True)

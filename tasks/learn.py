@@ -13,11 +13,11 @@ import json
 from prefect import get_run_logger, task
 
 from editing.instruct import InstructionPair, learn_instruction, save_instruction
-from flows.config import LearnConfig
-from storage.keys import join_key
 from storage.layout import ExemplarPair, load_pair
+from storage.run_layout import instruction_keys
 from storage.store import open_store
 from tasks.models import cached_model, model_step
+from tasks.params import LearnParams
 
 
 def instruction_cache_key(pair_hashes: list[str], model_sha256: str, learn_config: dict) -> str:
@@ -28,16 +28,10 @@ def instruction_cache_key(pair_hashes: list[str], model_sha256: str, learn_confi
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def instruction_keys(category: str, cache_key: str) -> tuple[str, str]:
-    """`instructions/<category>/<cache_key>.safetensors` and its `.json` metadata."""
-    base = join_key("instructions", category, cache_key)
-    return base + ".safetensors", base + ".json"
-
-
 @task(retries=1, retry_delay_seconds=[10])
 def learn_or_reuse(
     store_uri: str, output_uri: str, exemplars: dict, model_uri: str | None, device: str,
-    learn: LearnConfig, model_slot: str | None,
+    learn: LearnParams, model_slot: str | None,
 ) -> dict:
     """The category's instruction record: where it is, its hashes, and whether it was just learned."""
     category = exemplars["category"]

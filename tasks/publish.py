@@ -3,7 +3,7 @@
 One task per manifest partition. The order inside the task is what makes a crash harmless: first the
 approved objects are copied (idempotent: same key, same bytes), then the partition's manifest file
 is rewritten atomically. A crash in between leaves the rows `pending`; the decision itself is kept in
-the store (flows/review.py), so a re-run replays it, copies the same bytes to the same keys again
+the store (tasks/decisions.py), so a re-run replays it, copies the same bytes to the same keys again
 (`unchanged`) and then records the verdicts; nothing is lost or duplicated.
 """
 
@@ -11,34 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
-from urllib.parse import unquote
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.keys import join_key
 from storage.manifest import read_manifest, write_manifest_partition
+from storage.run_layout import key_for_uri, published_key
 from storage.store import Store, open_store
 from tasks.review import APPROVED, PENDING
-
-
-def published_key(category: str, image_id: str, edited_key: str) -> str:
-    """`published/<category>/<image_id><ext>`: one key per image, whichever run approved it."""
-    return join_key("published", category, image_id + PurePosixPath(edited_key).suffix)
-
-
-def key_for_uri(store: Store, uri: str) -> str:
-    """The store-relative key of a URI the manifest recorded with `store.uri_for`.
-
-    A local store's `file://` URIs are percent-encoded (`run=` becomes `run%3D`), S3 URIs are not;
-    round-tripping through `uri_for` picks the reading that names the same object.
-    """
-    root = store.uri.rstrip("/") + "/"
-    if not uri.startswith(root):
-        raise ValueError(f"{uri} is not inside the store {store.uri}")
-    rest = uri[len(root) :]
-    return next(k for k in (rest, unquote(rest)) if store.uri_for(k) == uri) if "%" in rest else rest
 
 
 def publish_object(store: Store, edited_key: str, target_key: str) -> str:

@@ -1,25 +1,27 @@
 """What the data team and the reviewer see: per-category contact sheets and Prefect artifacts with
-stable keys (so the UI shows each category's history), and the run summary in the store."""
+stable keys (so the UI shows each category's history), the review gate's description, and the run
+summary in the store."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import pandas as pd
 from PIL import Image, ImageDraw
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.review import contact_sheet_key
 from storage.images import encode_png, load_image
-from storage.keys import join_key
+from storage.keys import InvalidKeyError
 from storage.manifest import read_manifest
+from storage.run_layout import contact_sheet_key, key_for_uri, summary_key
 from storage.store import Store, open_store
-from tasks.publish import key_for_uri
 
 SHEET_ITEMS = 8
 THUMB = 160
 TABLE_ROWS = 500
+MAX_IDS_IN_DESCRIPTION = 50
 QC_COLUMNS = ["image_id", "partition", "qc_status", "qc_ssim_structure", "qc_edit_strength",
               "qc_direction_agreement", "qc_clipped_fraction", "error_code"]
 
@@ -27,10 +29,6 @@ QC_COLUMNS = ["image_id", "partition", "qc_status", "qc_ssim_structure", "qc_edi
 def artifact_key(*parts: str) -> str:
     """Artifact keys allow lowercase letters, digits and dashes only."""
     return "-".join("".join(c if c.isalnum() else "-" for c in part.lower()) for part in parts)
-
-
-def summary_key(run_id: str) -> str:
-    return join_key("runs", run_id, "summary.json")
 
 
 def contact_sheet(store: Store, out: Store, rows: pd.DataFrame) -> Image.Image:
@@ -124,3 +122,45 @@ def report_exemplar_problems(exemplars: list[dict]) -> int:
         create_table_artifact(table=problems, key="exemplar-problems",
                               description="Exemplar pairs left out of learning, and why")
     return len(problems)
+
+
+def describe(store_uri: str, run_id: str, summary: dict, *, deadline: datetime) -> str:
+    """Markdown shown above the Resume form: what waits, how QC judged it, where to look."""
+    store = open_store(store_uri)
+    lines = [
+        f"## Review run `{run_id}`",
+        "",
+        (
+            f"**{summary['total']}** items wait for a decision (deadline {deadline:%Y-%m-%d %H:%M} UTC; "
+            "afterwards they expire and nothing is published)."
+        ),
+        "",
+        "| category | pass | flag | fail | error | contact sheet |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for category, counts in sorted(summary["by_category"].items()):
+        sheet = "-"
+        try:
+            key = contact_sheet_key(run_id, category)
+            if store.exists(key):
+                sheet = f"[{category}.png]({store.presigned_url(key, expires_s=7 * 24 * 3600)})"
+        except InvalidKeyError:
+            pass
+        row = " | ".join(str(counts.get(s, 0)) for s in ("pass", "flag", "fail", "error"))
+        lines.append(f"| {category} | {row} | {sheet} |")
+    flagged = summary["flagged_ids"]
+    if flagged:
+        lines += ["", "QC flagged or failed (approve explicitly with *approve_ids* if they look right):"]
+        for category, ids in sorted(flagged.items()):
+            more = (
+                f" and {len(ids) - MAX_IDS_IN_DESCRIPTION} more" if len(ids) > MAX_IDS_IN_DESCRIPTION else ""
+            )
+            lines.append(f"- {category}: {', '.join(ids[:MAX_IDS_IN_DESCRIPTION])}{more}")
+    lines += [
+        "",
+        (
+            "Items in scope and not approved are rejected; error items are never published. "
+            f"CLI: `retouch review approve {run_id} --all-passing --reviewer NAME`."
+        ),
+    ]
+    return "\n".join(lines)

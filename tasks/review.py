@@ -26,6 +26,12 @@ REJECTED = "rejected"
 EXPIRED = "expired"
 
 AUTO_REVIEWER = "auto:qc-pass"
+RUN_TAG_PREFIX = "run:"
+
+
+def run_tag(run_id: str) -> str:
+    """The Prefect tag on every flow run of a catalogue run, so `retouch review` finds them by run id."""
+    return RUN_TAG_PREFIX + run_id
 
 
 def pending_rows(store_uri: str, run_id: str) -> pd.DataFrame:
@@ -121,3 +127,18 @@ def decide_partition(
         reject_ids=d.get("reject_ids") or (),
         categories=d.get("categories"),
     )
+
+
+def review_status_counts(store_uri: str, run_id: str) -> dict[str, int]:
+    manifest = read_manifest(open_store(store_uri), run_id)
+    if manifest.empty:
+        return {}
+    return {str(k): int(v) for k, v in manifest["review_status"].value_counts().items()}
+
+
+def add_counts(*counts: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out

@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from cli.review import ReviewCliError, find_paused_flow_run
-from flows.review import ReviewConfig, review_and_publish
+from flows.review import review_and_publish
 from storage.manifest import read_manifest
 from storage.store import open_store
+from tasks.params import ReviewConfig
 from tests.flows.review_helpers import published_keys, write_run
 
 runner = CliRunner()

@@ -53,7 +53,7 @@ if __name__ == "__main__":
     from prefect import serve
     from prefect.deployments.runner import RunnerDeployment
 
-    from flows.config import RefreshConfig
+    from tasks.params import RefreshConfig
 
     config = RefreshConfig.model_validate_json(sys.argv[1])
     serve(RunnerDeployment.from_entrypoint("tests/deployments/serve_driver.py:catalogue_refresh", name="review-e2e",

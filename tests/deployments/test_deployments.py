@@ -51,7 +51,7 @@ def test_deploy_all_creates_deployments_and_nightly_and_hourly_runs_get_schedule
     assert nightly["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
     sweep = deployments["expire-reviews", "hourly"]
-    assert sweep["entrypoint"] == "flows/review.py:expire_reviews" and sweep["work_pool_name"] == "cpu"
+    assert sweep["entrypoint"] == "flows/expire.py:expire_reviews" and sweep["work_pool_name"] == "cpu"
     assert [s["schedule"]["cron"] for s in sweep["schedules"]] == ["0 * * * *"]
     assert all(s["active"] for s in sweep["schedules"])
     assert sweep["parameters"] == {"store_uri": "s3://catalogue/retouch"}

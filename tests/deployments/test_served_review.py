@@ -25,10 +25,9 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.config import LearnConfig
-from flows.review import ReviewConfig
 from storage.manifest import read_manifest
 from storage.store import open_store
+from tasks.params import LearnParams, ReviewConfig
 from tests.deployments.server import ROOT
 from tests.flows.reliability_helpers import assert_nothing_lost, build_shop, refresh_config
 from tests.tiny_models import build_tiny_ip2p
@@ -107,7 +106,7 @@ def test_served_refresh_suspends_for_review_releases_its_process_and_resumes_wit
     config = refresh_config(s3_uri, "unused", str(model)).model_copy(update={
         "run_id": None, "review": ReviewConfig(policy="human", timeout_s=3600, poll_interval_s=5),
         # A named start skips the phrase-bank search, minutes of model calls on this machine.
-        "learn": LearnConfig(steps=2, min_pairs=2, init_instruction="make it warmer")})
+        "learn": LearnParams(steps=2, min_pairs=2, init_instruction="make it warmer")})
     calls, log = tmp_path / "calls.txt", tmp_path / "serve.log"
     env = {**os.environ, "PREFECT_API_URL": url, "PYTHONPATH": str(ROOT), "RETOUCH_TEST_CALLS": str(calls),
            "PREFECT_HOME": str(tmp_path / "runner-home"), "PREFECT_RUNNER_POLL_FREQUENCY": "2",

@@ -12,9 +12,9 @@ import json
 import sys
 import time
 
-from flows.config import RefreshConfig
 from flows.refresh import catalogue_refresh
 from storage.store import LocalStore, S3Store
+from tasks.params import RefreshConfig
 
 
 def slow_image_writes(seconds: float, prefix: str) -> None:

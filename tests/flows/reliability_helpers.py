@@ -14,11 +14,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from flows.config import ApplyConfig, LearnConfig, QCConfig, RefreshConfig
-from flows.review import ReviewConfig
 from storage.layout import write_catalogue_index
 from storage.manifest import read_manifest
 from storage.store import Store
+from tasks.params import ApplyParams, LearnParams, QCConfig, RefreshConfig, ReviewConfig
 
 CATEGORIES = ("warm", "matte")
 # A random tiny model edits nothing well; QC that passes everything makes auto-review approve (and
@@ -152,8 +151,8 @@ def refresh_config(
         model_uri=model_dir,
         workers=1,
         # A named start skips the phrase-bank search (minutes of model calls on a loaded 2-core box).
-        learn=LearnConfig(steps=2, min_pairs=2, init_instruction="make it warmer"),
-        apply=ApplyConfig(num_inference_steps=2, batch_size=4),
+        learn=LearnParams(steps=2, min_pairs=2, init_instruction="make it warmer"),
+        apply=ApplyParams(num_inference_steps=2, batch_size=4),
         qc=LENIENT_QC,
         review=ReviewConfig(policy=policy, timeout_s=60, poll_interval_s=1),
     )

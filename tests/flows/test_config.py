@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from cli.refresh import load_refresh_config
-from flows.config import LearnConfig, RefreshConfig
 from tasks.learn import instruction_cache_key
+from tasks.params import LearnParams, RefreshConfig
 
 
 def test_yaml_config_fills_defaults_and_nested_models(tmp_path: Path):
@@ -18,7 +18,7 @@ def test_yaml_config_fills_defaults_and_nested_models(tmp_path: Path):
     config = load_refresh_config(path)
     assert config.learn.steps == 10 and config.learn.space == "attention"
     assert config.review.policy == "auto_approve_passing"
-    assert config.outputs_uri == "s3://shop/retouch"
+    assert config.output_uri == "s3://shop/retouch"
 
 
 def test_unknown_or_out_of_range_fields_are_refused(tmp_path: Path):
@@ -34,13 +34,13 @@ def test_run_id_must_be_a_key_segment():
 
 
 def test_cache_key_ignores_pair_order_and_min_pairs_but_not_what_shapes_the_result():
-    learn = LearnConfig()
+    learn = LearnParams()
     key = instruction_cache_key(["a", "b"], "model", learn.cache_fields())
     assert key == instruction_cache_key(["b", "a"], "model", learn.cache_fields())
-    assert key == instruction_cache_key(["a", "b"], "model", LearnConfig(min_pairs=5).cache_fields())
+    assert key == instruction_cache_key(["a", "b"], "model", LearnParams(min_pairs=5).cache_fields())
     assert key != instruction_cache_key(["a", "c"], "model", learn.cache_fields())
     assert key != instruction_cache_key(["a", "b"], "other-model", learn.cache_fields())
-    assert key != instruction_cache_key(["a", "b"], "model", LearnConfig(steps=61).cache_fields())
+    assert key != instruction_cache_key(["a", "b"], "model", LearnParams(steps=61).cache_fields())
 
 
 def test_config_schema_documents_every_field_for_the_ui_form():

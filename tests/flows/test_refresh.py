@@ -68,13 +68,12 @@ def shop_uri(seaweed_s3) -> str:
 
 
 def refresh_config(shop_uri: str, model: Path, run_id: str):
-    from flows.config import ApplyConfig, LearnConfig, RefreshConfig
-    from flows.review import ReviewConfig
+    from tasks.params import ApplyParams, LearnParams, RefreshConfig, ReviewConfig
 
     return RefreshConfig(
         store_uri=shop_uri, run_id=run_id, model_uri=str(model),
-        learn=LearnConfig(steps=2, batch_size=2, init_instruction="make it warmer"),
-        apply=ApplyConfig(num_inference_steps=2, batch_size=2),
+        learn=LearnParams(steps=2, batch_size=2, init_instruction="make it warmer"),
+        apply=ApplyParams(num_inference_steps=2, batch_size=2),
         review=ReviewConfig(policy="auto_approve_passing"),
     )
 

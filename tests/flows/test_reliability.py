@@ -29,12 +29,12 @@ from cli.review import ReviewCliError, find_paused_flow_run
 from editing.instruct import InstructionIntegrityError, InstructionModelMismatch, load_instruction
 from editing.models import load_model
 from flows.refresh import catalogue_refresh
-from flows.review import ReviewConfig, recorded_decisions
 from storage.manifest import read_manifest
+from storage.run_layout import done_key, key_for_uri
 from storage.store import open_store
-from tasks.edit import done_key
+from tasks.decisions import recorded_decisions
 from tasks.ingest import catalogue_partitions, validate_exemplars
-from tasks.publish import key_for_uri
+from tasks.params import ReviewConfig
 from tests.flows.reliability_helpers import (
     add_bad_inputs,
     assert_nothing_lost,

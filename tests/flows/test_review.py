@@ -12,20 +12,14 @@ import pytest
 from prefect import flow, get_client
 from prefect.states import Cancelled, Scheduled
 
-from flows.review import (
-    ReviewConfig,
-    ReviewDecision,
-    contact_sheet_key,
-    decision_key,
-    describe,
-    expire_overdue_reviews,
-    expire_reviews,
-    gate_key,
-    review_and_publish,
-)
+from flows.expire import expire_overdue_reviews, expire_reviews
+from flows.review import review_and_publish
 from storage.manifest import read_manifest
+from storage.run_layout import contact_sheet_key, decision_key, gate_key
 from storage.store import Store, open_store
+from tasks.params import ReviewConfig, ReviewDecision
 from tasks.publish import publish_object
+from tasks.report import describe
 from tasks.review import pending_rows, summarise, verdicts_for
 from tests.flows.review_helpers import Reviewer, png, published_keys, write_run
 

@@ -11,11 +11,11 @@ import pytest
 from storage.manifest import (
     MANIFEST_SCHEMA,
     ManifestError,
-    manifest_key,
     manifest_row,
     read_manifest,
     write_manifest_partition,
 )
+from storage.run_layout import RunLayoutError, manifest_key
 from storage.store import LocalStore
 
 
@@ -181,5 +181,5 @@ def test_duckdb_reads_hive_partitions(tmp_path):
 
 
 def test_manifest_key_refuses_unsafe_run_ids():
-    with pytest.raises(ManifestError):
+    with pytest.raises(RunLayoutError, match="run_id"):
         manifest_key("../x", "p0")

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from prefect.input import RunInput
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from editing.instruct import ApplyConfig as InstructApplyConfig
-from editing.instruct import LearnConfig as InstructLearnConfig
+from editing.instruct import ApplyConfig, LearnConfig
 from editing.models import DTypeName
 from editing.quality import QCThresholds
-from flows.review import ReviewConfig
 
 
 class _Config(BaseModel):
@@ -20,7 +19,7 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LearnConfig(_Config):
+class LearnParams(_Config):
     """How an instruction is learned from a category's exemplar pairs (editing.instruct.LearnConfig).
 
     Every field except min_pairs is part of the instruction cache key: changing one relearns every
@@ -49,8 +48,8 @@ class LearnConfig(_Config):
         "catalogue items get error rows.",
     )
 
-    def for_method(self) -> InstructLearnConfig:
-        return InstructLearnConfig(steps=self.steps, space=self.space, lr=self.lr, batch_size=self.batch_size,
+    def for_method(self) -> LearnConfig:
+        return LearnConfig(steps=self.steps, space=self.space, lr=self.lr, batch_size=self.batch_size,
                                    time_groups=self.time_groups, seed=self.seed,
                                    init_instruction=self.init_instruction, progress=False)
 
@@ -59,7 +58,7 @@ class LearnConfig(_Config):
         return self.model_dump(exclude={"min_pairs"})
 
 
-class ApplyConfig(_Config):
+class ApplyParams(_Config):
     """How a learned instruction is applied to catalogue images (editing.instruct.ApplyConfig).
     Empty fields take the model's own defaults (its edits.json)."""
 
@@ -69,11 +68,12 @@ class ApplyConfig(_Config):
                                                "higher keeps the output closer to the source photo.")
     batch_size: int = Field(16, ge=1, le=256, description="Images per model call; bounds memory per worker.")
     dtype: DTypeName = Field(
-        "float32", description="Compute dtype of the model step. bfloat16 measured 1.4-1.6x faster on CPUs with "
-        "AMX / AVX512-BF16, its outputs within about 1/100 of float32's; float16 is meant for GPUs.")
+        "float32", description="Compute dtype of the model step: bfloat16 is faster on CPUs with AMX / "
+        "AVX512-BF16 and on GPUs, its outputs within about 1/100 of float32's (README: Speed); float16 is "
+        "meant for GPUs.")
 
-    def for_method(self) -> InstructApplyConfig:
-        return InstructApplyConfig(**self.model_dump(), full_resolution=True, progress=False)
+    def for_method(self) -> ApplyConfig:
+        return ApplyConfig(**self.model_dump(), full_resolution=True, progress=False)
 
 
 class QCConfig(_Config):
@@ -99,6 +99,51 @@ class QCConfig(_Config):
 
     def thresholds(self) -> QCThresholds:
         return QCThresholds(**self.model_dump())
+
+
+class ReviewConfig(BaseModel):
+    """How a run's outputs get their verdicts; a flow parameter, so it shows in the UI form."""
+
+    policy: Literal["human", "auto_approve_passing"] = Field(
+        default="human",
+        description=(
+            "human: pause (or suspend under a deployment) until a reviewer decides. "
+            "auto_approve_passing: approve QC-pass items and reject the rest without waiting (demo)."
+        ),
+    )
+    timeout_s: int = Field(
+        default=24 * 3600,
+        ge=1,
+        le=14 * 24 * 3600,
+        description="How long the run waits for decisions before pending items become expired.",
+    )
+    poll_interval_s: int = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="How often a paused run checks for a decision (resume latency is at most this).",
+    )
+
+
+class ReviewDecision(RunInput):
+    """The Resume form. `reviewer` is required and never pre-filled, so nobody approves anonymously."""
+
+    reviewer: str = Field(min_length=1, description="Who decides; recorded on every manifest row.")
+    approve_all_passing: bool = Field(default=False, description="Approve every item that passed QC.")
+    approve_ids: list[str] = Field(
+        default_factory=list, description="Approve these image ids, even if QC flagged them."
+    )
+    reject_ids: list[str] = Field(
+        default_factory=list, description="Reject these image ids (wins over approve_ids)."
+    )
+    categories: list[str] | None = Field(
+        default=None,
+        description=(
+            "Decide every item of these categories; items of other categories keep waiting. "
+            "Unset: all categories. Empty list: only the listed ids."
+        ),
+    )
+    comment: str = Field(default="", description="Free text, kept in the run's log and summary.")
 
 
 class RefreshConfig(_Config):
@@ -127,14 +172,17 @@ class RefreshConfig(_Config):
         "(GPU workers elsewhere) instead of in this process.")
     partition_deployment: str = Field(
         "refresh-partition/gpu", description="The deployment started per partition when gpu_work_pool is set.")
-    learn: LearnConfig = Field(default_factory=LearnConfig, description="Instruction learning.")
-    apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Applying instructions to the catalogue.")
+    learn: LearnParams = Field(default_factory=LearnParams, description="Instruction learning.")
+    apply: ApplyParams = Field(default_factory=ApplyParams, description="Applying instructions to the catalogue.")
     qc: QCConfig = Field(default_factory=QCConfig, description="Quality-check thresholds.")
     review: ReviewConfig = Field(default_factory=ReviewConfig, description="Review gate before publishing.")
 
-    @property
-    def outputs_uri(self) -> str:
-        return self.output_uri or self.store_uri
+    @model_validator(mode="after")
+    def _outputs_default_to_the_input_store(self) -> RefreshConfig:
+        # Resolved once here, so every stage (and the run summary) names the same output root.
+        if not self.output_uri:
+            self.output_uri = self.store_uri
+        return self
 
 
 class PartitionJob(_Config):
@@ -150,5 +198,5 @@ class PartitionJob(_Config):
     model_uri: str | None = Field(None, description="Model folder; empty = the shipped model.")
     device: str = Field("cpu", description="torch device of the model step.")
     model_slot: str | None = Field(None, description="Prefect global concurrency limit around model calls.")
-    apply: ApplyConfig = Field(default_factory=ApplyConfig, description="Applying the instructions.")
+    apply: ApplyParams = Field(default_factory=ApplyParams, description="Applying the instructions.")
     qc: QCConfig = Field(default_factory=QCConfig, description="Quality-check thresholds.")
