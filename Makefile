@@ -25,7 +25,7 @@ $(BIN)/python:
 
 # torch is pinned in pyproject.toml (torch==2.13.0, the CPU build); pip resolves it by name.
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dashboard]'
 	touch $(STAMP)
 
 clean:
