@@ -16,7 +16,7 @@ from PIL import Image
 
 from cli import dashboard_data as data
 from cli.dashboard import STORE_ENV
-from storage.store import StoreError
+from storage.store import StoreError, open_store
 
 THUMB = 160
 MAX_FLAGGED = 24
@@ -25,12 +25,12 @@ CACHE_S = 300
 
 @st.cache_resource(ttl=CACHE_S, show_spinner="Reading the run tables")
 def tables(store_uri: str) -> dict:
-    return data.read_tables(data.store_for(store_uri))
+    return data.read_tables(open_store(store_uri))
 
 
 @st.cache_resource(ttl=CACHE_S, show_spinner="Reading the night's manifest")
 def manifest(store_uri: str, run_id: str) -> pd.DataFrame:
-    return data.night_manifest(data.store_for(store_uri), run_id)
+    return data.night_manifest(open_store(store_uri), run_id)
 
 
 @st.cache_data(ttl=CACHE_S, show_spinner=False)
@@ -75,7 +75,7 @@ def trends(con) -> None:
         st.line_chart(by_night(data.run_query(con, "throughput"), "images_per_s"))
 
 
-def night_view(con, store_uri: str, run_id: str, night: pd.Series) -> None:
+def night_view(con, run_id: str, night: pd.Series) -> None:
     st.header(f"Night {run_id}")
     cols = st.columns(7)
     for col, (label, value) in zip(cols, [("items", night["items"]), ("pass", night["qc_pass"]),
@@ -160,7 +160,7 @@ def main() -> None:
         st.rerun()
     con.register("manifest", manifest(store_uri, run_id))
     trends(con)
-    night_view(con, store_uri, run_id, nights.set_index("run_id").loc[run_id])
+    night_view(con, run_id, nights.set_index("run_id").loc[run_id])
     review_view(con)
 
 

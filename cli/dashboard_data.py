@@ -110,7 +110,3 @@ def link_for(uri: str, expires_s: int = 24 * 3600) -> str:
         store, key = store_and_key(uri)
         return store.presigned_url(key, expires_s=expires_s)
     return uri
-
-
-def store_for(store_uri: str) -> Store:
-    return open_store(store_uri)
