@@ -13,6 +13,12 @@ what computes it so that numbers from different backbones are never compared by 
   the ratio of magnitudes and the cosine of directions.
 - ``clipped_fraction`` (pixels at 0 or 255 in the output that were not clipped in the source),
   ``output_std`` (flat output) and ``nonfinite_fraction``.
+- ``deltae2000_mean`` and ``deltae2000_p95``, only when the caller passes the expected output (the
+  category's fitted LUT applied to the source, editing/photometric.py): the CIEDE2000 colour
+  difference per pixel between output and expected output, averaged and at its 95th percentile.
+  Structure and colour statistics cannot see a red face on an intact photo; this can. Roughly, 1 is
+  just noticeable side by side, 2-3 noticeable, above 5 a different colour. The mean catches casts
+  and grades; the 95th percentile catches a local wrong colour (a face, a product) and lost detail.
 
 The thresholds live in :class:`QCThresholds`; the Prefect config mirrors them as a pydantic model.
 """
@@ -32,6 +38,8 @@ from skimage.color import rgb2lab
 WORK_SIDE = 256
 _SSIM_SIGMA = 1.5
 _SSIM_C3 = (0.03 * 1.0) ** 2 / 2  # SSIM's C3 = C2 / 2 for data in [0, 1]
+FLAG_DELTAE_MEAN, FAIL_DELTAE_MEAN = 1.5, 3.0
+FLAG_DELTAE_P95, FAIL_DELTAE_P95 = 4.0, 8.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,25 @@ class QCThresholds:
     flag_clipped_fraction: float = 0.2
     fail_clipped_fraction: float = 0.5
     fail_output_std: float = 0.01
+    # Tuned on the training photos by benchmarks/photometric.py (true grades vs casts, hue shifts,
+    # other grades, over-exposure, blur, blockiness); see its docstring for the figures.
+    flag_deltae2000_mean: float = FLAG_DELTAE_MEAN
+    fail_deltae2000_mean: float = FAIL_DELTAE_MEAN
+    flag_deltae2000_p95: float = FLAG_DELTAE_P95
+    fail_deltae2000_p95: float = FAIL_DELTAE_P95
+
+    def __post_init__(self) -> None:
+        ordered = (
+            ("fail_ssim_structure", "flag_ssim_structure"),
+            ("flag_strength_min", "flag_strength_max"),
+            ("flag_clipped_fraction", "fail_clipped_fraction"),
+            ("flag_deltae2000_mean", "fail_deltae2000_mean"),
+            ("flag_deltae2000_p95", "fail_deltae2000_p95"),
+        )
+        for low, high in ordered:
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"QC thresholds: {low} ({getattr(self, low)}) must be <= {high} "
+                                 f"({getattr(self, high)})")
 
 
 @dataclass(frozen=True)
@@ -61,6 +88,8 @@ class QCResult:
     status: str
     reasons: tuple[str, ...]
     shift: tuple[float, ...]
+    deltae2000_mean: float = math.nan
+    deltae2000_p95: float = math.nan
 
     def figures(self) -> dict:
         """Everything as plain JSON-ready values (the manifest's `qc_figures` column)."""
@@ -118,6 +147,24 @@ def ssim_structure(source: np.ndarray, output: np.ndarray) -> float:
     return float(np.mean((cov + _SSIM_C3) / (np.sqrt(var_x * var_y) + _SSIM_C3)))
 
 
+def deltae2000(output: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """CIEDE2000 per pixel between two HxWx3 sRGB images in [0, 1] (colour-science, D65 Lab)."""
+    import colour  # takes seconds to import; only the colour check needs it
+
+    def lab(rgb: np.ndarray) -> np.ndarray:
+        return colour.XYZ_to_Lab(colour.sRGB_to_XYZ(np.clip(rgb, 0.0, 1.0)))
+
+    return np.asarray(colour.delta_E(lab(output), lab(expected), method="CIE 2000"))
+
+
+def _resized(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """An HxWx3 [0, 1] array brought to another HxW through 8 bits, as the output is."""
+    if array.shape == shape:
+        return array
+    image = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    return np.asarray(image.resize(shape[1::-1], Image.BILINEAR), dtype=np.float64) / 255.0
+
+
 def _clipped(rgb: np.ndarray) -> np.ndarray:
     return ((rgb <= 1.0 / 255) | (rgb >= 254.0 / 255)).any(axis=-1)
 
@@ -127,18 +174,21 @@ def assess(
     output: Image.Image | np.ndarray,
     reference: list[float] | np.ndarray,
     thresholds: QCThresholds = QCThresholds(),
+    expected: Image.Image | np.ndarray | None = None,
 ) -> QCResult:
-    """Compute the figures of one edited item against its source and the category's reference shift."""
+    """Compute the figures of one edited item against its source and the category's reference shift;
+    with `expected` (what the category's colour edit makes of this source, e.g. its LUT applied to
+    it) also the colour difference of the output from it."""
     src, out = _as_float(source), _as_float(output)
     nonfinite = float(np.mean(~np.isfinite(out)))
     if nonfinite > 0:
         return QCResult(math.nan, math.nan, math.nan, math.nan, math.nan, nonfinite, "fail",
                         ("non-finite pixels",), ())
-    if out.shape != src.shape:
-        out = np.asarray(
-            Image.fromarray((out * 255).round().astype(np.uint8)).resize(src.shape[1::-1], Image.BILINEAR),
-            dtype=np.float64,
-        ) / 255.0
+    out = _resized(out, src.shape)
+    deltae_mean = deltae_p95 = math.nan
+    if expected is not None:
+        difference = deltae2000(out, _resized(_as_float(expected), src.shape))
+        deltae_mean, deltae_p95 = float(difference.mean()), float(np.percentile(difference, 95))
     shift = colour_shift(src, out)
     ref = np.asarray(reference, dtype=np.float64)
     ref_norm, shift_norm = float(np.linalg.norm(ref)), float(np.linalg.norm(shift))
@@ -147,22 +197,26 @@ def assess(
     clipped = float(np.mean(_clipped(out) & ~_clipped(src)))
     out_std = float(_luma(out).std())
     structure = ssim_structure(src, out)
-    status, reasons = decide(structure, strength, direction, clipped, out_std, thresholds)
+    status, reasons = decide(structure, strength, direction, clipped, out_std, thresholds,
+                             deltae_mean=deltae_mean, deltae_p95=deltae_p95)
     return QCResult(structure, strength, direction, clipped, out_std, nonfinite, status, reasons,
-                    tuple(float(v) for v in shift))
+                    tuple(float(v) for v in shift), deltae_mean, deltae_p95)
 
 
 def decide(
     structure: float, strength: float, direction: float, clipped: float, out_std: float,
-    thresholds: QCThresholds,
+    thresholds: QCThresholds, *, deltae_mean: float = math.nan, deltae_p95: float = math.nan,
 ) -> tuple[str, tuple[str, ...]]:
-    """pass / flag / fail: fail means unusable, flag means a reviewer should look."""
+    """pass / flag / fail: fail means unusable, flag means a reviewer should look. The colour figures
+    are NaN (and decide nothing) when no expected output was given."""
     t = thresholds
     fails = [
         reason for reason, bad in (
             ("structure lost", structure < t.fail_ssim_structure),
             ("mostly clipped", clipped > t.fail_clipped_fraction),
             ("flat output", out_std < t.fail_output_std),
+            ("colour far from the expected edit", deltae_mean > t.fail_deltae2000_mean),
+            ("colour far from the expected edit in places", deltae_p95 > t.fail_deltae2000_p95),
         ) if bad
     ]
     if fails:
@@ -174,6 +228,8 @@ def decide(
             ("edit much weaker than exemplars", not strength >= t.flag_strength_min),
             ("edit much stronger than exemplars", strength > t.flag_strength_max),
             ("clipping", clipped > t.flag_clipped_fraction),
+            ("colour differs from the expected edit", deltae_mean > t.flag_deltae2000_mean),
+            ("colour differs from the expected edit in places", deltae_p95 > t.flag_deltae2000_p95),
         ) if bad
     ]
     return ("flag", tuple(flags)) if flags else ("pass", ())

@@ -84,3 +84,97 @@ def test_figures_are_json_ready(warm_reference, coffee):
     figures = quality.assess(Image.fromarray(coffee), _edit(coffee, "warm"), warm_reference).figures()
     assert isinstance(figures["shift"], list) and len(figures["shift"]) == 6
     assert figures["status"] == "pass"
+
+
+# The expected-colour check: CIEDE2000 between the output and the category's LUT applied to the source.
+
+
+def _hue_rotated(image: Image.Image, degrees: float) -> Image.Image:
+    """Rotate every colour about the grey axis (a hue shift that keeps luminance roughly)."""
+    axis = np.ones(3) / np.sqrt(3)
+    angle = np.radians(degrees)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.cos(angle) * np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * np.outer(axis, axis)
+    rgb = np.asarray(image, dtype=np.float64) / 255 @ rotation.T
+    return Image.fromarray((rgb.clip(0, 1) * 255).round().astype(np.uint8))
+
+
+def _gains(image: Image.Image, gains: tuple[float, float, float]) -> Image.Image:
+    rgb = np.asarray(image, dtype=np.float64) * np.array(gains)
+    return Image.fromarray(rgb.clip(0, 255).round().astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def warm_expected(coffee) -> Image.Image:
+    """What the warm category's LUT, fitted on two training photos, makes of the coffee photo."""
+    from editing.photometric import apply_lut, fit_lut
+
+    pairs = [(Image.fromarray(load_photo(n)), _edit(load_photo(n), "warm")) for n in ("astronaut", "rocket")]
+    return apply_lut(fit_lut(pairs, size=17), Image.fromarray(coffee))
+
+
+def test_true_edit_passes_the_colour_check(warm_reference, warm_expected, coffee):
+    result = quality.assess(Image.fromarray(coffee), _edit(coffee, "warm"), warm_reference, expected=warm_expected)
+    assert result.status == "pass", result.reasons
+    assert result.deltae2000_mean < 0.5
+    assert result.deltae2000_p95 < 1.5
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda image: _gains(image, (1.12, 0.96, 0.96)), id="red cast"),
+        pytest.param(lambda image: _hue_rotated(image, 25), id="hue rotation"),
+        pytest.param(lambda image: _gains(image, (0.75, 0.82, 1.4)), id="cool instead of warm"),
+    ],
+)
+def test_wrong_colour_is_flagged_or_failed(bad, warm_reference, warm_expected, coffee):
+    output = bad(_edit(coffee, "warm"))
+    result = quality.assess(Image.fromarray(coffee), output, warm_reference, expected=warm_expected)
+    assert result.status in ("flag", "fail")
+    assert any("expected edit" in reason for reason in result.reasons), result.reasons
+    assert result.deltae2000_mean > quality.QCThresholds().flag_deltae2000_mean
+
+
+def test_red_cast_passes_every_check_but_colour(warm_reference, warm_expected, coffee):
+    """Why the colour check exists: a cast on an intact photo keeps the structure and direction."""
+    output = _gains(_edit(coffee, "warm"), (1.12, 0.96, 0.96))
+    blind = quality.assess(Image.fromarray(coffee), output, warm_reference)
+    assert blind.status == "pass"
+    assert math.isnan(blind.deltae2000_mean)
+    seeing = quality.assess(Image.fromarray(coffee), output, warm_reference, expected=warm_expected)
+    assert seeing.status != "pass"
+
+
+def test_other_category_grade_fails(warm_reference, warm_expected, coffee):
+    result = quality.assess(Image.fromarray(coffee), _edit(coffee, "sepia"), warm_reference, expected=warm_expected)
+    assert result.status == "fail"
+    assert result.deltae2000_mean > quality.QCThresholds().fail_deltae2000_mean
+
+
+def test_deltae2000_is_zero_for_the_same_image_and_grows_with_the_cast(coffee):
+    rgb = coffee.astype(np.float64) / 255
+    assert np.abs(quality.deltae2000(rgb, rgb)).max() == pytest.approx(0.0, abs=1e-9)
+    mild = quality.deltae2000(rgb * [1.04, 1, 1], rgb).mean()
+    strong = quality.deltae2000(rgb * [1.15, 1, 1], rgb).mean()
+    assert 0.3 < mild < strong
+
+
+def test_colour_figures_are_json_ready_and_expected_may_be_an_array(warm_reference, warm_expected, coffee):
+    output = _edit(coffee, "warm")
+    from_image = quality.assess(Image.fromarray(coffee), output, warm_reference, expected=warm_expected)
+    from_array = quality.assess(Image.fromarray(coffee), output, warm_reference,
+                                expected=np.asarray(warm_expected, dtype=np.float64) / 255).figures()
+    assert from_array["status"] == "pass"
+    assert isinstance(from_array["deltae2000_mean"], float) and isinstance(from_array["deltae2000_p95"], float)
+    assert from_array["deltae2000_mean"] == pytest.approx(from_image.deltae2000_mean, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "low, high",
+    [("flag_deltae2000_mean", "fail_deltae2000_mean"), ("flag_deltae2000_p95", "fail_deltae2000_p95"),
+     ("flag_clipped_fraction", "fail_clipped_fraction"), ("fail_ssim_structure", "flag_ssim_structure")],
+)
+def test_thresholds_refuse_a_flag_beyond_its_fail(low, high):
+    with pytest.raises(ValueError, match=low):
+        quality.QCThresholds(**{low: 0.9, high: 0.5})
