@@ -66,6 +66,14 @@ class LoadedModel:
         return dtype_name(next(self.pipe.unet.parameters()).dtype)
 
 
+def native_resolution(pipe: DiffusionPipeline, spec: dict[str, Any] | None = None) -> int:
+    """The square image size the model was trained at: edits.json's `resolution`, else the UNet's
+    sample size times the VAE's downsampling factor (how stock pipelines size their default output)."""
+    if spec and spec.get("resolution"):
+        return int(spec["resolution"])
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+
+
 def shipped_model_dir(kind: str) -> Path:
     """The folder of the embedded default model of a kind ("ip2p" or "t2i")."""
     if kind not in SHIPPED:
