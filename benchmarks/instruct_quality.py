@@ -16,7 +16,7 @@ other crops to test on. For every category we report PSNR to the ground truth fo
 
 at the model's native size (learned instructions at their own default guidance, chosen on their
 exemplar pairs by `learn_instruction`), plus the attention output at full resolution (lifted) against the
-full-resolution ground truth, and the wall time of learning. Targets (issue 4): attention >=
+full-resolution ground truth, and the wall time of learning. Targets: attention >=
 identity + 3 dB and >= best phrase + 1 dB on average; full-res >= native - 1 dB.
 
 Run: nice -n 10 .venv/bin/python -m benchmarks.instruct_quality [--steps N] [--categories a,b]
@@ -41,8 +41,9 @@ from editing.instruct import (
     learn_instruction,
     phrase_instruction,
 )
-from editing.instruct_ops import pil_to_tensor, tensor_to_pil, to_native
-from editing.models import load_model
+from editing.instruct.ops import pil_to_tensor, tensor_to_pil, to_native
+from editing.metrics import psnr
+from editing.models import load_model, native_resolution
 from editing.photos import sample_photos
 from editing.seeds import item_seed
 from editing.transforms import EDITS, cool, decrease_contrast, increase_contrast, sepia, vignette, warm
@@ -79,10 +80,6 @@ def _crops(photos: dict[str, np.ndarray], count: int, seed: int) -> list[tuple[s
     return out
 
 
-def _psnr(a: Tensor, b: Tensor) -> float:
-    return float(10 * torch.log10(1 / ((a - b) ** 2).mean().clamp_min(1e-10)))
-
-
 def _native_outputs(model, instruction, sources: Tensor, ids: list[str], config: dict) -> Tensor:
     pipe = model.pipe
     learned = instruction.metadata.get("apply_defaults") or {}
@@ -102,7 +99,7 @@ def main() -> None:
     model = load_model()
     fast = load_model(dtype="bfloat16")  # the fast application dtype, scored on the same instructions
     spec_defaults = (model.spec or {}).get("defaults", {})
-    resolution = int((model.spec or {}).get("resolution") or 64)
+    resolution = native_resolution(model.pipe, model.spec)
     apply_cfg = {
         "num_inference_steps": int(spec_defaults.get("num_inference_steps", 20)),
         "guidance_scale": float(spec_defaults.get("guidance_scale", 7.5)),
@@ -152,9 +149,7 @@ def main() -> None:
                 out = _native_outputs(
                     model, phrase_instruction(model, phrase, name), train_src, train_ids, cfg
                 )
-                phrase_scores[phrase, scale] = float(
-                    np.mean([_psnr(o, g) for o, g in zip(out, train_gt, strict=True)])
-                )
+                phrase_scores[phrase, scale] = psnr(out, train_gt)
         best_phrase, best_scale = max(phrase_scores, key=phrase_scores.get)
         phrase_cfg = {**apply_cfg, "guidance_scale": best_scale}
 
@@ -162,11 +157,11 @@ def main() -> None:
             instruction, src=test_src, ids=test_ids, truth=test_gt, cfg=apply_cfg, on=model
         ) -> float:
             out = _native_outputs(on, instruction, src, ids, cfg)
-            return float(np.mean([_psnr(o, g) for o, g in zip(out, truth, strict=True)]))
+            return psnr(out, truth)
 
         row = {
             "category": name,
-            "identity": float(np.mean([_psnr(s, g) for s, g in zip(test_src, test_gt, strict=True)])),
+            "identity": psnr(test_src, test_gt),
             "best_phrase": test_psnr(phrase_instruction(model, best_phrase, name), cfg=phrase_cfg),
             "text": test_psnr(text),
             "attention": test_psnr(attention),
@@ -182,7 +177,7 @@ def main() -> None:
         row["attention_fullres"] = float(
             np.mean(
                 [
-                    _psnr(pil_to_tensor(out), transform(x[None])[0])
+                    psnr(pil_to_tensor(out), transform(x[None])[0])
                     for out, (_, x) in zip(full_outputs, test, strict=True)
                 ]
             )

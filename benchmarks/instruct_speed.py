@@ -30,8 +30,9 @@ from editing.instruct import (
     learn_instruction,
     phrase_instruction,
 )
-from editing.instruct_ops import pil_to_tensor, tensor_to_pil, to_native
-from editing.models import DTYPES, load_model
+from editing.instruct.ops import pil_to_tensor, tensor_to_pil, to_native
+from editing.metrics import psnr
+from editing.models import DTYPES, load_model, native_resolution
 from editing.photos import sample_photos
 from editing.transforms import increase_contrast, warm
 
@@ -63,7 +64,7 @@ def main() -> None:
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     defaults = (model.spec or {}).get("defaults", {})
-    resolution = int((model.spec or {}).get("resolution") or 64)
+    resolution = native_resolution(model.pipe, model.spec)
     steps = int(defaults.get("num_inference_steps", 20))
     text_scale = args.guidance if args.guidance is not None else float(defaults.get("guidance_scale", 7.5))
     image_scale = float(defaults.get("image_guidance_scale", 1.5))
@@ -146,7 +147,7 @@ def main() -> None:
         ref_s, ref = timed(reference_loop) if reference is not None else (stock_s, stock)
         max_diff = float((ours - stock).abs().max())
         ref_diff = float((ours - ref).abs().max())
-        ref_psnr = float(-10 * torch.log10(((ours - ref) ** 2).mean().clamp_min(1e-12)))
+        ref_psnr = psnr(ours, ref)
         rounds.append((stock_s, ours_s, full_s, max_diff, ref_s, ref_diff, ref_psnr))
         line = (
             f"round {index + 1}: stock {args.images / stock_s:.2f} images/s, batched "

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
 from editing.fpe import fpe_edit
-from editing.models import load_model
+from editing.metrics import psnr
+from editing.models import load_model, native_resolution
 from editing.p2p import ddim_p2p_edit
 from editing.photos import sample_photos
 from editing.quality import ssim_structure
@@ -55,11 +56,6 @@ def square_views(photo: np.ndarray, resolution: int, views: int) -> torch.Tensor
     return torch.cat(
         [F.interpolate(c, size=(resolution,) * 2, mode="bilinear", antialias=True) for c in crops[:views]]
     ).clamp(0, 1)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
 
 
 def ssim_luma(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,9 +90,7 @@ def main() -> None:
 
     loaded = load_model(args.model, kind="t2i")
     spec = loaded.spec or {}
-    resolution = int(
-        spec.get("resolution") or loaded.pipe.unet.config.sample_size * loaded.pipe.vae_scale_factor
-    )
+    resolution = native_resolution(loaded.pipe, spec)
     base = spec.get("base_caption", "a photo")
     edits = [e for e in spec.get("edits", []) if args.edits is None or e.get("id") in args.edits.split(",")]
     photos = torch.cat([square_views(p, resolution, args.views) for p in sample_photos("heldout").values()])

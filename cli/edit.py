@@ -82,9 +82,9 @@ def edit_command(
     ] = None,
 ) -> None:
     """Edit every photo under IMAGES_URI from --source-prompt to --target-prompt."""
-    from editing.instruct_ops import pil_to_tensor, tensor_to_pil, to_native
+    from editing.instruct.ops import pil_to_tensor, tensor_to_pil, to_native
     from editing.lift import lift_edit
-    from editing.models import load_model
+    from editing.models import load_model, native_resolution
     from editing.seeds import item_seed
     from storage.images import ImageError, decode_image, encode_png
     from storage.model_cache import materialise_model
@@ -98,10 +98,7 @@ def edit_command(
     kwargs = {**_method_kwargs(method, w_inv, w_src, w_tgt), "inversion_iterations": inversion_iterations}
     source, destination = open_store(images_uri), open_store(output)
     loaded = load_model(materialise_model(model) if model else None, kind="t2i", device=device)
-    resolution = int(
-        (loaded.spec or {}).get("resolution")
-        or loaded.pipe.unet.config.sample_size * loaded.pipe.vae_scale_factor
-    )
+    resolution = native_resolution(loaded.pipe, loaded.spec)
     report = BatchReport(
         command="edit",
         extra={

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from editing.instruct_ops import denoising_target
+from editing.instruct.ops import denoising_target
 from editing.transforms import EDITS
 
 RESOLUTION = 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import pytest
@@ -16,23 +17,24 @@ from editing.instruct import (
     InstructionModelMismatch,
     InstructionPair,
     LearnConfig,
-    _resolve_apply,
     apply_instruction,
     edit_native,
     learn_instruction,
     load_instruction,
+    pair_sha256,
     phrase_instruction,
     save_instruction,
 )
-from editing.instruct_init import InitConfig, PhraseScores, choose_initialisation
-from editing.instruct_kv import (
+from editing.instruct.apply import _resolve_apply
+from editing.instruct.init import InitConfig, PhraseScores, choose_initialisation
+from editing.instruct.kv import (
     InjectionState,
     InstructionKV,
     cross_attention_layers,
     instruction_processors,
     time_group,
 )
-from editing.instruct_ops import (
+from editing.instruct.ops import (
     channels_last,
     count_instruction_tokens,
     encode_text,
@@ -235,6 +237,26 @@ def test_tampered_artifact_is_refused(model, learned) -> None:
         load_instruction(bytes(flipped), meta, model)
     with pytest.raises(InstructionIntegrityError):
         load_instruction(data, {**meta, "num_tokens": 3}, model)
+
+
+def test_pair_hash_follows_the_pixels_not_the_file_encoding() -> None:
+    before, after = _image(1), _image(2)
+    files = []
+    for level in (0, 9):  # the same pixels, two different PNG byte streams
+        encoded = io.BytesIO()
+        before.save(encoded, format="PNG", compress_level=level)
+        files.append(encoded.getvalue())
+    assert files[0] != files[1]
+    decoded = [Image.open(io.BytesIO(data)) for data in files]
+    assert pair_sha256(decoded[0], after) == pair_sha256(decoded[1], after) == pair_sha256(before, after)
+    assert pair_sha256(before.convert("RGBA"), after) == pair_sha256(before, after)
+    changed = np.asarray(before).copy()
+    changed[0, 0, 0] ^= 1
+    assert pair_sha256(Image.fromarray(changed), after) != pair_sha256(before, after)
+    assert pair_sha256(after, before) != pair_sha256(before, after)
+    # the same bytes in another shape are another image
+    reshaped = Image.frombytes("RGB", (before.height, before.width), before.tobytes())
+    assert pair_sha256(reshaped, after) != pair_sha256(before, after)
 
 
 def test_apply_keeps_each_input_size(model, learned) -> None:

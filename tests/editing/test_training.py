@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from editing.instruct_ops import denoising_target
+from editing.instruct.ops import denoising_target
 from editing.training import (
     PREDICTION_TYPES,
     build_pipeline,

@@ -10,10 +10,10 @@ carry the instruction, which time group each row is in).
 Layout: row 0 of the 77-token context is BOS, rows 1..m the instruction tokens, rows m+1.. the
 EOS/padding rows. In the attention space every row the UNet attends to learns (all 77, per time
 group), initialised from the projections of the initial instruction: CLIP's text encoder is
-causal, so the EOS/padding rows carry the whole sentence, and when only rows 1..m learned, the
-attention mass on the frozen EOS/padding rows (still saying the initial phrase) drowned the learned
-rows (issue 4 measurement: attention space barely beat identity). The text space (VISII) keeps
-VISII's rule: only rows 1..m learn.
+causal, so the EOS/padding rows carry the whole sentence. If only rows 1..m learned, the attention
+mass on the frozen EOS/padding rows, which still say the initial phrase, would drown the learned
+rows, and the learned instruction would barely beat leaving the photo unedited. The text space
+(VISII) keeps VISII's rule: only rows 1..m learn.
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
-from editing.instruct_ops import denoising_loss, encode_pairs, encode_text
+from editing.instruct.ops import denoising_loss, encode_pairs, encode_text
 
-PHRASE_BANK = Path(__file__).parent / "data" / "phrases.txt"
+PHRASE_BANK = Path(__file__).parent.parent / "data" / "phrases.txt"
 
 
 def load_phrase_bank(path: Path | None = None, extra: Sequence[str] = ()) -> list[str]:

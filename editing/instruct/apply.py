@@ -1,0 +1,231 @@
+"""Applying an instruction: batched IP2P dual guidance at the model's native size, lifted back to
+each input's resolution, and the choice of an instruction's default text guidance."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, Field
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from editing.instruct.artifact import LearnedInstruction, check_model_binding
+from editing.instruct.kv import InjectionState, InstructionKV, instruction_processors
+from editing.instruct.ops import channels_last, pil_to_tensor, tensor_to_pil, to_native
+from editing.lift import lift_edit
+from editing.metrics import psnr
+from editing.models import DTypeName, native_resolution
+from editing.seeds import item_seed
+
+
+class ApplyConfig(BaseModel):
+    """Application settings; None takes the instruction's learned defaults (guidance chosen on its
+    exemplar pairs), then the model's edits.json defaults (else IP2P's)."""
+
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, description="text guidance scale")
+    image_guidance_scale: float | None = Field(None, ge=0, description="image guidance scale")
+    batch_size: int = Field(16, ge=1, description="images per UNet batch (x2 or x3 rows with guidance)")
+    full_resolution: bool = Field(True, description="lift the native-size edit to the input size")
+    channels_last: bool = Field(
+        True, description="run the UNet and VAE in channels-last memory format (faster, same outputs)"
+    )
+    dtype: DTypeName = Field(
+        "float32",
+        description="compute dtype the model must be loaded in (load_model(dtype=...)); bfloat16 is "
+        "faster on CPUs with AMX / AVX512-BF16 and usually on GPUs, its outputs within about 1/100 of "
+        "float32's (measured speed-up: README, 'Learned instructions')",
+    )
+    progress: bool = Field(False)
+
+
+def _resolve_apply(
+    config: ApplyConfig, spec: dict | None, learned: dict | None = None
+) -> tuple[int, float, float]:
+    defaults = {
+        **(spec or {}).get("defaults", {}),
+        **{
+            k: v
+            for k, v in (learned or {}).items()
+            if k in {"num_inference_steps", "guidance_scale", "image_guidance_scale"}
+        },
+    }
+    steps = config.num_inference_steps or int(defaults.get("num_inference_steps", 20))
+    text = (
+        config.guidance_scale
+        if config.guidance_scale is not None
+        else float(defaults.get("guidance_scale", 7.5))
+    )
+    image = (
+        config.image_guidance_scale
+        if config.image_guidance_scale is not None
+        else float(defaults.get("image_guidance_scale", 1.5))
+    )
+    return steps, text, image
+
+
+def edit_native(
+    pipe,
+    bank: InstructionKV,
+    sources: Tensor,
+    seeds: Sequence[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    image_guidance_scale: float,
+    use_channels_last: bool = True,
+) -> Tensor:
+    """IP2P dual guidance on a batch at native size: (B, 3, h, w) in [0, 1] -> same.
+
+    Rows are [instruction | image-only | unconditional] chunks as in the stock pipeline, and like
+    it guidance is skipped (instruction rows only) unless guidance_scale > 1 and
+    image_guidance_scale >= 1; at image_guidance_scale == 1 the unconditional rows are skipped,
+    because they cancel out of the combination. Each image draws its noise from its own
+    generator, so its output does not depend on its batch. `use_channels_last` runs the UNet and
+    VAE in channels-last memory format for the call (same outputs within float tolerance, faster
+    convolutions).
+    """
+    unet, vae = pipe.unet, pipe.vae
+    device, dtype = unet.device, next(unet.parameters()).dtype
+    batch = sources.shape[0]
+    guided_rows = guidance_scale > 1.0 and image_guidance_scale >= 1.0
+    # With image guidance 1 the unconditional row cancels out of the combination exactly:
+    # uncond + g (text - image) + 1 (image - uncond) = image + g (text - image).
+    needs_uncond = guided_rows and image_guidance_scale != 1.0
+    chunks = (3 if needs_uncond else 2) if guided_rows else 1
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
+    with torch.no_grad(), channels_last(vae, use_channels_last):
+        pixels = (sources * 2 - 1).to(device, dtype).contiguous(memory_format=memory_format)
+        image_latents = vae.encode(pixels).latent_dist.mode()
+        shape = (1, unet.config.out_channels, *image_latents.shape[-2:])
+        latents = torch.cat([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators])
+        latents = latents * scheduler.init_noise_sigma
+        conditioning = image_latents
+        if needs_uncond:
+            conditioning = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+        elif guided_rows:
+            conditioning = torch.cat([image_latents, image_latents])
+        step_kwargs = {}
+        step_params = inspect.signature(scheduler.step).parameters
+        if "eta" in step_params:
+            step_kwargs["eta"] = 0.0
+        if "generator" in step_params:
+            step_kwargs["generator"] = generators
+        state = InjectionState(
+            num_groups=bank.num_groups, num_train_timesteps=scheduler.config.num_train_timesteps
+        )
+        state.instruction_rows = torch.arange(chunks * batch, device=device) < batch
+        placeholder = bank.context.unsqueeze(0).expand(chunks * batch, -1, -1)
+        with instruction_processors(unet, bank, state), channels_last(unet, use_channels_last):
+            for t in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(torch.cat([latents] * chunks), t)
+                model_input = torch.cat([model_input, conditioning], dim=1).contiguous(
+                    memory_format=memory_format
+                )
+                output = unet(model_input, t, placeholder).sample
+                if needs_uncond:
+                    text, image, uncond = output.chunk(3)
+                    output = (
+                        uncond + guidance_scale * (text - image) + image_guidance_scale * (image - uncond)
+                    )
+                elif guided_rows:
+                    text, image = output.chunk(2)
+                    output = image + guidance_scale * (text - image)
+                latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
+        latents = (latents / vae.config.scaling_factor).contiguous(memory_format=memory_format)
+        decoded = vae.decode(latents).sample
+    return (decoded.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def choose_guidance(
+    model,
+    bank: InstructionKV,
+    before: Tensor,
+    after: Tensor,
+    candidates: Sequence[float],
+    category: str,
+) -> dict:
+    """Text guidance scale for an instruction: the candidate whose edits of the exemplar befores
+    come closest (PSNR) to their afters, at the model's default steps and image guidance. A learned
+    instruction can want more (or less) amplification than the model's default; choosing it on the
+    exemplars keeps test images out of the choice. `bank` must hold the instruction, frozen."""
+    if not candidates:
+        return {}
+    steps, default_text, image_scale = _resolve_apply(ApplyConfig(), model.spec)
+    seeds = [item_seed("guidance", i, category) for i in range(before.shape[0])]
+    scores = {
+        scale: psnr(edit_native(model.pipe, bank, before, seeds, steps, scale, image_scale), after)
+        for scale in candidates
+    }
+    best = max(scores, key=scores.get)
+    return {
+        "guidance_scale": float(best),
+        "image_guidance_scale": float(image_scale),
+        "num_inference_steps": steps,
+        "guidance_psnr": {str(k): round(v, 3) for k, v in scores.items()},
+        "model_default_guidance_scale": default_text,
+    }
+
+
+def apply_instruction(
+    model,
+    instruction: LearnedInstruction,
+    images: Sequence[Image.Image],
+    config: ApplyConfig | None = None,
+    seeds: Sequence[int] | None = None,
+) -> list[Image.Image]:
+    """Apply a learned instruction to images of any size; one output per input, same size.
+
+    The instruction's K/V are computed once for all images; images are edited `batch_size` at a
+    time at the model's native size and lifted back to their own resolution by `lift_edit`.
+    Pass seeds from `editing.seeds.item_seed` for replayable, batch-independent outputs.
+    """
+    config = config or ApplyConfig()
+    seeds = list(seeds) if seeds is not None else [0] * len(images)
+    if len(seeds) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(seeds)} seeds")
+    check_model_binding(instruction.metadata, instruction.model_id, instruction.model_sha256, model)
+    if model.dtype != config.dtype:
+        raise ValueError(
+            f"ApplyConfig.dtype is {config.dtype} but the model is loaded in {model.dtype}: load it with "
+            f"load_model(..., dtype={config.dtype!r}) or set dtype={model.dtype!r}"
+        )
+    pipe = model.pipe
+    steps, text_scale, image_scale = _resolve_apply(
+        config, model.spec, instruction.metadata.get("apply_defaults")
+    )
+    resolution = native_resolution(pipe, model.spec)
+    bank = instruction.bank(pipe)
+    outputs: list[Image.Image] = []
+    bar = tqdm(
+        total=len(images), desc=f"apply {instruction.category or 'instruction'}", disable=not config.progress
+    )
+    for start in range(0, len(images), config.batch_size):
+        chunk = [pil_to_tensor(img) for img in images[start : start + config.batch_size]]
+        small = torch.cat([to_native(x[None], resolution) for x in chunk])
+        edited = edit_native(
+            pipe,
+            bank,
+            small,
+            seeds[start : start + len(chunk)],
+            steps,
+            text_scale,
+            image_scale,
+            use_channels_last=config.channels_last,
+        )
+        for full, source_small, edited_small in zip(chunk, small, edited, strict=True):
+            same_size = full.shape[-2:] == edited_small.shape[-2:]
+            result = (
+                edited_small
+                if same_size or not config.full_resolution
+                else lift_edit(full, source_small, edited_small)
+            )
+            outputs.append(tensor_to_pil(result))
+        bar.update(len(chunk))
+    bar.close()
+    return outputs

@@ -1,0 +1,164 @@
+"""The learned instruction as an artifact: its tensors, its metadata, and the bytes it is stored as.
+
+An artifact is safetensors bytes plus JSON metadata. The metadata carries a content hash over both
+and the hash of the model the instruction was learned on, so a modified artifact and an artifact
+loaded with another model are refused instead of silently producing other edits.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import safetensors.torch
+from PIL import Image
+from torch import Tensor
+
+from editing.instruct.kv import InstructionKV
+from editing.instruct.ops import count_instruction_tokens, encode_text
+
+ARTIFACT_FORMAT = "catalogue-retouch/instruction"
+ARTIFACT_VERSION = 1
+
+
+class InstructionModelMismatch(ValueError):
+    """The instruction was learned on a different model than the one it is loaded with."""
+
+
+class InstructionIntegrityError(ValueError):
+    """The artifact's bytes or metadata do not match its recorded content hash."""
+
+
+def pair_sha256(before: Image.Image, after: Image.Image) -> str:
+    """Content hash of an exemplar pair's decoded RGB pixels and sizes.
+
+    Hashing pixels rather than file bytes makes the hash a property of the pair, not of its files:
+    re-encoding or re-uploading the same pixels keeps it, so every command that learns from the
+    pair records the same `pairs[].sha256` and the refresh's learning cache stays valid.
+    """
+    digest = hashlib.sha256()
+    for image in (before, after):
+        digest.update(f"{image.width}x{image.height}".encode())
+        digest.update(image.convert("RGB").tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class LearnedInstruction:
+    """A learned instruction: its tensors plus everything needed to replay and audit it."""
+
+    category: str
+    space: str
+    instruction: str
+    num_tokens: int
+    num_groups: int
+    context: Tensor
+    tensors: dict[str, Tensor]
+    model_id: str
+    model_sha256: str
+    metadata: dict = field(default_factory=dict)
+    sha256: str = ""
+
+    def bank(self, pipe) -> InstructionKV:
+        """The K/V bank of this instruction on `pipe`'s UNet, frozen for application."""
+        null = encode_text(pipe, [""])[0]
+        unet = pipe.unet
+        dtype = next(unet.parameters()).dtype
+        context = self.context.to(unet.device, dtype)
+        bank = InstructionKV(unet, context, null, self.num_tokens, self.space, self.num_groups)
+        bank.load_named_tensors({k: v.to(unet.device, dtype) for k, v in self.tensors.items()})
+        bank.freeze()
+        return bank
+
+
+def phrase_instruction(model, text: str, category: str = "") -> LearnedInstruction:
+    """A plain text instruction in the same form as a learned one (nothing optimised)."""
+    pipe = model.pipe
+    context = encode_text(pipe, [text])[0]
+    num_tokens = max(1, count_instruction_tokens(pipe, text))
+    rows = slice(1, 1 + num_tokens)
+    return LearnedInstruction(
+        category=category,
+        space="text",
+        instruction=text,
+        num_tokens=num_tokens,
+        num_groups=1,
+        context=context.cpu(),
+        tensors={"tokens": context[rows].cpu().clone()},
+        model_id=model.model_id,
+        model_sha256=model.sha256,
+        metadata={"category": category, "space": "text", "instruction": text, "steps": 0},
+    )
+
+
+def check_model_binding(metadata: dict, model_id: str, model_sha256: str, model) -> None:
+    """Raise `InstructionModelMismatch` unless `model` is the model the instruction was learned on."""
+    if model_sha256 == model.sha256:
+        return
+    raise InstructionModelMismatch(
+        f"instruction {metadata.get('category') or '(unnamed)'!r} was learned on model {model_id!r} "
+        f"(sha256 {model_sha256[:12]}…) but the loaded model is {model.model_id!r} "
+        f"(sha256 {model.sha256[:12]}…); learn it again on this model or load the model it was learned on"
+    )
+
+
+def _canonical(metadata: dict) -> bytes:
+    return json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _content_hash(data: bytes, metadata: dict) -> str:
+    unsigned = {k: v for k, v in metadata.items() if k != "content_sha256"}
+    return hashlib.sha256(data + b"\x00" + _canonical(unsigned)).hexdigest()
+
+
+def save_instruction(instruction: LearnedInstruction) -> tuple[bytes, dict]:
+    """(safetensors bytes, JSON-serialisable metadata); the metadata carries a content hash over
+    both, so neither can be altered unnoticed. Also sets `instruction.sha256`."""
+    tensors = {"context": instruction.context, **instruction.tensors}
+    data = safetensors.torch.save({k: v.detach().contiguous().float().cpu() for k, v in tensors.items()})
+    metadata = copy.deepcopy(instruction.metadata)
+    metadata.update(
+        format=ARTIFACT_FORMAT,
+        version=ARTIFACT_VERSION,
+        category=instruction.category,
+        space=instruction.space,
+        instruction=instruction.instruction,
+        num_tokens=instruction.num_tokens,
+        num_groups=instruction.num_groups,
+        model_id=instruction.model_id,
+        model_sha256=instruction.model_sha256,
+    )
+    metadata["content_sha256"] = _content_hash(data, metadata)
+    instruction.sha256 = metadata["content_sha256"]
+    return data, metadata
+
+
+def load_instruction(data: bytes, metadata: dict, model) -> LearnedInstruction:
+    """Verify the artifact's content hash and its model binding, then rebuild the instruction."""
+    if metadata.get("format") != ARTIFACT_FORMAT:
+        raise InstructionIntegrityError(
+            f"not a {ARTIFACT_FORMAT} artifact (format={metadata.get('format')!r})"
+        )
+    if metadata.get("content_sha256") != _content_hash(data, metadata):
+        raise InstructionIntegrityError(
+            "instruction artifact does not match its content hash: the safetensors bytes or the metadata "
+            "were modified or belong to different artifacts"
+        )
+    check_model_binding(metadata, metadata["model_id"], metadata["model_sha256"], model)
+    tensors = safetensors.torch.load(data)
+    context = tensors.pop("context")
+    return LearnedInstruction(
+        category=metadata["category"],
+        space=metadata["space"],
+        instruction=metadata["instruction"],
+        num_tokens=int(metadata["num_tokens"]),
+        num_groups=int(metadata["num_groups"]),
+        context=context,
+        tensors=tensors,
+        model_id=metadata["model_id"],
+        model_sha256=metadata["model_sha256"],
+        metadata=metadata,
+        sha256=metadata["content_sha256"],
+    )
