@@ -3,23 +3,13 @@ left out, the rest are used) and the catalogue index is read into per-partition 
 
 from __future__ import annotations
 
-import hashlib
-
 from prefect import get_run_logger, task
 
+from editing.instruct import pair_sha256
 from editing.quality import reference_shift
 from storage.images import ImageError
 from storage.layout import list_categories, list_exemplar_pairs, load_pair, read_catalogue_index
 from storage.store import open_store
-
-
-def pair_hash(before, after) -> str:
-    """Content hash of a decoded pair: re-encoding or re-uploading the same pixels keeps the cache."""
-    digest = hashlib.sha256()
-    for image in (before, after):
-        digest.update(f"{image.width}x{image.height}".encode())
-        digest.update(image.tobytes())
-    return digest.hexdigest()
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
@@ -44,7 +34,7 @@ def validate_exemplars(store_uri: str, category: str) -> dict:
             continue
         images.append((before, after))
         usable.append({"pair_id": pair.pair_id, "before_key": pair.before_key, "after_key": pair.after_key,
-                       "sha256": pair_hash(before, after)})
+                       "sha256": pair_sha256(before, after)})
     for problem in problems:
         get_run_logger().warning("exemplars %s: %s (%s): %s", category, problem["key"], problem["code"],
                                  problem["reason"])

@@ -100,3 +100,33 @@ def test_apply_refuses_an_instruction_learned_on_another_model(tmp_path: Path, t
     assert applied.exit_code == 2
     assert "was learned on model" in applied.output
     assert not (tmp_path / "out" / "x.png").exists()
+
+
+def test_learn_records_the_pair_hashes_the_refresh_ingest_records(tmp_path: Path, tiny_model: Path) -> None:
+    """The CLI and the flow hash a pair the same way (decoded pixels), so an instruction's
+    pairs[].sha256 does not depend on the command that learned it; re-encoding keeps the hash."""
+    from tasks.ingest import validate_exemplars
+
+    root = tmp_path / "root"
+    for i in range(2):
+        folder = root / "exemplars" / "warm" / f"p{i}"
+        folder.mkdir(parents=True)
+        _photo(20 + i, (40, 32)).save(folder / "before.png", compress_level=9)
+        _photo(30 + i, (40, 32)).save(folder / "after.jpg", quality=90)
+
+    def learned_hashes(output: Path) -> dict[str, str]:
+        result = CliRunner().invoke(app, [
+            "learn", str(root), "--category", "warm", "--output", str(output), "--steps", "0",
+            "--init-instruction", "make it warmer", "--model", str(tiny_model),
+        ])
+        assert result.exit_code == 0, result.output
+        metadata = json.loads(output.with_suffix(".json").read_text())
+        return {pair["pair_id"]: pair["sha256"] for pair in metadata["pairs"]}
+
+    by_cli = learned_hashes(tmp_path / "first.safetensors")
+    by_flow = {pair["pair_id"]: pair["sha256"] for pair in validate_exemplars.fn(str(root), "warm")["pairs"]}
+    assert by_cli == by_flow and len(by_cli) == 2
+
+    before = root / "exemplars" / "warm" / "p0" / "before.png"
+    Image.open(before).save(before, compress_level=0)  # same pixels, other bytes
+    assert learned_hashes(tmp_path / "second.safetensors") == by_cli
