@@ -10,8 +10,8 @@ evaluates it at x_s instead; we start from that and refine with fixed-point iter
 e <- noise(model(x_t, t)), which make the sampler retrace the inversion. The model may predict
 noise, the clean sample or v: its raw output is converted to noise at the level t the model was
 told it is at. (diffusers' `DDIMInverseScheduler` converts at the lower level s instead, which for
-an x0- or v-predicting model amplifies its error by 1/sqrt(1 - a_s); on the first shipped,
-x0-predicting text-to-image model that alone cost 6.7 dB of reconstruction: 21.9 vs 28.6 dB.) Guidance is applied to raw model
+an x0- or v-predicting model amplifies its error by 1/sqrt(1 - a_s); on an x0-predicting tiny
+text-to-image model that alone costs 6.7 dB of reconstruction: 21.9 vs 28.6 dB.) Guidance is applied to raw model
 outputs: it is an affine combination at one latent, so it means the same in every parameterisation.
 
 Measured on the shipped t2i model, 15 held-out views, 50 steps, "a photo", guidance 1

@@ -7,11 +7,11 @@ inversion used; DDIM+P2P inverts at w=1 but samples the source at 7.5, and the d
 then steer the target away from the photo. Giving the inversion and the source row one shared
 small scale, and only the target the large one, removes that term.
 
-Open question (methods.md, U9): the paper's "0.5" is read here as the shared scale of the
-inversion pass and the source branch (w_inv = w_src = 0.5, w_tgt = 7.5), from a secondary review
-saying 0.5 beats "the traditional settings (0 or 1)", which are the two inversion scales in use.
-The earlier reading (w_inv = 1, w_src = 0.5) and the DDIM+P2P baseline (1 / 7.5 / 7.5) are the
-same function with other arguments; 7.5 for the target is PIE-Bench's default, not read from the
+The paper's "0.5" is ambiguous. It is read here as the shared scale of the inversion pass and the
+source branch (w_inv = w_src = 0.5, w_tgt = 7.5), because a secondary review says 0.5 beats "the
+traditional settings (0 or 1)", which are the two inversion scales in use. The other reading
+(w_inv = 1, w_src = 0.5) and the DDIM+P2P baseline (1 / 7.5 / 7.5) are the same function with
+other arguments; 7.5 for the target is PIE-Bench's default, not read from the
 paper. Cost: inversion at w_inv != 1 needs the unconditional prediction too (a batch of 2 per
 inversion step instead of 1); sampling costs the same as DDIM+P2P.
 

@@ -1,13 +1,13 @@
 """Train the embedded default models from scratch on CPU: VAE, InstructPix2Pix UNet, text-to-image UNet.
 
 No pretrained diffusion weights are reachable offline, so the project trains small models whose
-folders have exactly the layout of real Stable Diffusion / InstructPix2Pix checkpoints. The recipe
-follows ../shared/research/models.md: the editor predicts x0 ("sample"), because epsilon prediction
-does not converge in CPU-minutes. The text-to-image model predicts v: its noise estimate near
-t = 0, which DDIM inversion lives on, is the network output itself rather than an x0 error scaled
-by 1/sqrt(1 - alpha), and against the earlier x0 model (same data, same minutes, same inversion
-code) it retraced photos as well (32.1 vs 31.8 dB) and followed captions better (mean caption swap
-21.3 vs 20.1 dB). Self-attention only at <= 16x16 latents, because 32x32 attention is 3-4x slower
+folders have exactly the layout of real Stable Diffusion / InstructPix2Pix checkpoints. The editor
+predicts x0 ("sample"), because epsilon prediction does not converge in CPU-minutes. The
+text-to-image model predicts v: its noise estimate near t = 0, which DDIM inversion lives on, is
+the network output itself rather than an x0 error scaled by 1/sqrt(1 - alpha). Against an x0
+text-to-image model trained on the same data for the same minutes, with the same inversion code, it
+retraces photos as well (32.1 vs 31.8 dB) and follows captions better (mean caption swap 21.3 vs
+20.1 dB). Self-attention only at <= 16x16 latents, because 32x32 attention is 3-4x slower
 on CPU. Everything here is pure torch + diffusers; device and dtype are parameters.
 """
 
