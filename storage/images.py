@@ -15,9 +15,10 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from storage.store import Store
+from storage.store import ObjectTooLargeError, Store
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DecompressionBombError",
     "EmptyImageError",
@@ -33,6 +34,11 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# No catalogue photo needs more; an object above it is refused from its reported size, unread.
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+# Enough for the header of every format Pillow reads here (a JPEG's EXIF/ICC segments can push its
+# size marker further; then the pixel limit is checked after the full read instead).
+HEADER_BYTES = 64 * 1024
 _WHITE = (255, 255, 255, 255)
 
 
@@ -155,6 +161,43 @@ def encode_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def load_image(store: Store, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read and decode `key`; a missing object raises the store's `NotFoundError`."""
-    return decode_image(store.get_bytes(key), key, max_pixels=max_pixels)
+def load_image(
+    store: Store, key: str, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Image.Image:
+    """Read and decode `key`; a missing object raises the store's `NotFoundError`.
+
+    The object's size and its header come first: an object over `max_bytes`, or one whose header
+    announces more than `max_pixels`, is refused after reading at most `HEADER_BYTES`.
+    """
+    head, size = store.read_head(key, HEADER_BYTES)
+    if size > max_bytes:
+        raise DecompressionBombError(key, f"{size} bytes exceeds the limit of {max_bytes} bytes")
+    if len(head) >= size:
+        data = head
+    else:
+        _check_header(head, key, max_pixels)
+        try:
+            data = store.get_bytes(key, max_bytes=max_bytes)
+        except ObjectTooLargeError as exc:  # replaced by a larger object since the size was read
+            raise DecompressionBombError(key, str(exc)) from exc
+    return decode_image(data, key, max_pixels=max_pixels)
+
+
+def _check_header(head: bytes, key: str, max_pixels: int) -> None:
+    """Refuse an image whose header (in the first bytes) announces more pixels than allowed.
+
+    Only a refusal counts here: a header Pillow cannot read from the first bytes alone is judged by
+    `decode_image` after the full (byte-limited) read.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(head)).size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecompressionBombError(key, f"refused by Pillow's decompression-bomb guard: {exc}") from exc
+    except Exception:  # noqa: BLE001 - partial data; decode_image gives the real verdict
+        return
+    if width * height > max_pixels:
+        raise DecompressionBombError(
+            key, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+        )

@@ -8,6 +8,9 @@ store operation validates its key here before touching anything.
 from __future__ import annotations
 
 MAX_KEY_BYTES = 1024
+# Local filesystems refuse longer file or folder names (NAME_MAX); S3 has no such limit, so a key
+# that only S3 could hold would fail later, at the write, on a laptop store.
+MAX_SEGMENT_BYTES = 255
 
 
 class StoreError(Exception):
@@ -30,7 +33,8 @@ def validate_key(key: str) -> str:
     no backslash (Windows-style separators mean different things on S3 and on disk); no control
     characters (they break logs, terminals and CSV indexes); no empty or `.` segments and no
     trailing `/` (S3 would keep `a//b` and `a/./b` distinct while a filesystem folds them into one
-    file); at most 1024 UTF-8 bytes (the S3 limit).
+    file); at most 1024 UTF-8 bytes (the S3 limit) and at most 255 bytes per segment (the limit of a
+    file name on local filesystems).
     """
     if not isinstance(key, str):
         raise InvalidKeyError(repr(key), f"must be a str, got {type(key).__name__}")
@@ -52,6 +56,8 @@ def validate_key(key: str) -> str:
             raise InvalidKeyError(key, "contains a '..' segment")
         if segment in ("", "."):
             raise InvalidKeyError(key, "contains an empty or '.' segment")
+        if len(segment.encode("utf-8", errors="surrogatepass")) > MAX_SEGMENT_BYTES:
+            raise InvalidKeyError(key, f"a segment is longer than {MAX_SEGMENT_BYTES} bytes in UTF-8")
     return key
 
 

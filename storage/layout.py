@@ -22,6 +22,7 @@ from PIL import Image
 
 from storage.images import MissingPairHalfError, PairSizeMismatchError, load_image
 from storage.keys import InvalidKeyError, StoreError, validate_key
+from storage.run_layout import RunLayoutError, item_keys
 from storage.store import NotFoundError, Store
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "list_exemplar_pairs",
     "load_pair",
     "read_catalogue_index",
+    "stray_exemplar_keys",
     "write_catalogue_index",
 ]
 
@@ -74,8 +76,31 @@ class LayoutProblem:
 
 
 def list_categories(store: Store) -> list[str]:
-    """Category names: the folders directly under `exemplars/` that contain at least one file."""
-    return sorted({key.split("/")[1] for key in store.list(EXEMPLARS_PREFIX) if key.count("/") >= 2})
+    """Category names: the folders directly under `exemplars/` that contain at least one file.
+
+    Only names that are valid key segments; the keys of any other are `stray_exemplar_keys`.
+    """
+    return sorted({key.split("/")[1] for key in store.list(EXEMPLARS_PREFIX)
+                   if key.count("/") >= 2 and _is_segment(key.split("/")[1])})
+
+
+def stray_exemplar_keys(store: Store) -> list[LayoutProblem]:
+    """Keys under `exemplars/` that belong to no category: a file directly under it, or a key whose
+    category part is not a valid name (S3 keeps `exemplars//x.jpg` and `exemplars/../x.jpg`)."""
+    problems = []
+    for key in store.list(EXEMPLARS_PREFIX):
+        if key.count("/") < 2 or not _is_segment(key.split("/")[1]):
+            problems.append(LayoutProblem(key, "unexpected_key", f"expected {EXEMPLARS_PREFIX}<category>/<pair_id>/"
+                                                                 "before|after.<ext>"))
+    return problems
+
+
+def _is_segment(name: str) -> bool:
+    try:
+        _validate_segment(name)
+    except InvalidKeyError:
+        return False
+    return True
 
 
 def list_exemplar_pairs(store: Store, category: str) -> tuple[list[ExemplarPair], list[LayoutProblem]]:
@@ -88,6 +113,11 @@ def list_exemplar_pairs(store: Store, category: str) -> tuple[list[ExemplarPair]
     problems: list[LayoutProblem] = []
     for key in store.list(base):
         parts = key[len(base) :].split("/")
+        try:
+            validate_key(key)  # S3 lists keys no store call accepts: `a//b`, `a/../b`
+        except InvalidKeyError as exc:
+            problems.append(LayoutProblem(key, "invalid_key", exc.reason))
+            continue
         if len(parts) != 2:
             problems.append(
                 LayoutProblem(key, "unexpected_key", f"expected {base}<pair_id>/before|after.<ext>")
@@ -173,7 +203,8 @@ def _validated_index(df: pd.DataFrame, where: str) -> pd.DataFrame:
                 raise CatalogueIndexError(f"{where}: bad {col}: {exc}") from exc
     # A bad key or image id concerns one item: it is recorded on the row so that the item becomes an
     # error row in the manifest while the rest of the catalogue is edited.
-    out[INDEX_ERROR_COLUMN] = [_row_problem(row.image_id, row.key) for row in out.itertuples()]
+    out[INDEX_ERROR_COLUMN] = [_row_problem(row.image_id, row.key, row.category, row.partition)
+                               for row in out.itertuples()]
     return out.reset_index(drop=True)
 
 
@@ -183,8 +214,12 @@ def _validate_segment(value: str) -> None:
         raise InvalidKeyError(value, "must be a single path segment")
 
 
-def _row_problem(image_id: str, key: str) -> str:
-    """'' for a usable row, else the reason it cannot be edited (for the item's error row)."""
+def _row_problem(image_id: str, key: str, category: str, partition: str) -> str:
+    """'' for a usable row, else the reason it cannot be edited (for the item's error row).
+
+    Besides its own key and id, every key the item will produce (output, published copy, manifest)
+    is built here: a 300-character image id is fine as a value but not as a file name.
+    """
     try:
         _validate_segment(image_id)
     except InvalidKeyError as exc:
@@ -193,6 +228,10 @@ def _row_problem(image_id: str, key: str) -> str:
         validate_key(key)
     except InvalidKeyError as exc:
         return f"bad key: {exc}"
+    try:
+        item_keys(category, partition, image_id)
+    except (InvalidKeyError, RunLayoutError) as exc:
+        return f"bad image_id: its output keys would be invalid: {exc}"
     return ""
 
 

@@ -21,13 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.run_layout import MANIFEST_PREFIX, RunLayoutError, manifest_key, manifest_prefix, segment
-from storage.store import Store
+from storage.store import NotFoundError, Store
 
 __all__ = [
     "MANIFEST_SCHEMA",
     "QC_STATUSES",
     "REVIEW_STATUSES",
     "ManifestError",
+    "keep_recorded_verdicts",
     "manifest_row",
     "read_manifest",
     "write_manifest_partition",
@@ -204,6 +205,31 @@ def write_manifest_partition(
     return key
 
 
+def keep_recorded_verdicts(
+    store: Store, run_id: str, partition: str, rows: Iterable[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """`rows` for a rewrite of the partition's file, with every row already decided kept as written.
+
+    A partition is edited again when its completion marker is lost or its run id is reused; its items
+    come back as fresh `pending` rows, but a verdict recorded on the old file, and what it published,
+    must not be undone by the rewrite. Decided rows of items no longer in `rows` are kept too.
+    """
+    try:
+        data = store.get_bytes(manifest_key(run_id, partition))
+    except NotFoundError:
+        return list(rows)
+    decided = {row["image_id"]: row for row in _read_part(store, manifest_key(run_id, partition), data).to_pylist()
+               if row["review_status"] != "pending"}
+    return [decided.pop(row["image_id"], row) for row in rows] + list(decided.values())
+
+
+def _read_part(store: Store, key: str, data: bytes) -> pa.Table:
+    table = pq.read_table(io.BytesIO(data))
+    if not table.schema.equals(MANIFEST_SCHEMA, check_metadata=False):
+        raise ManifestError(f"{store.uri_for(key)}: schema differs from MANIFEST_SCHEMA")
+    return table
+
+
 def read_manifest(store: Store, run_id: str | None = None) -> pd.DataFrame:
     """All manifest rows (of one run, if given) as a DataFrame with the schema's columns and types."""
     prefix = MANIFEST_PREFIX if run_id is None else manifest_prefix(run_id) + "/"
@@ -211,9 +237,6 @@ def read_manifest(store: Store, run_id: str | None = None) -> pd.DataFrame:
     for key in store.list(prefix):
         name = key.rsplit("/", 1)[-1]
         if name.startswith("part-") and name.endswith(".parquet"):
-            table = pq.read_table(io.BytesIO(store.get_bytes(key)))
-            if not table.schema.equals(MANIFEST_SCHEMA, check_metadata=False):
-                raise ManifestError(f"{store.uri_for(key)}: schema differs from MANIFEST_SCHEMA")
-            tables.append(table)
+            tables.append(_read_part(store, key, store.get_bytes(key)))
     table = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
     return table.to_pandas()

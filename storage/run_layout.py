@@ -9,12 +9,16 @@ manifest/run=<run_id>/part-<partition>.parquet                      one row per 
 review/run=<run_id>/gate.json                                       the review deadline, fixed once
 review/run=<run_id>/decisions/<flow_run_id>-<round>.json            every decision, before it acts
 published/<category>/<image_id><ext>                                what the catalogue serves
+publications/<category>/<image_id>.json                             which run published it, and when
 runs/<run_id>/summary.json                                          the run's summary
+runs/run=<run_id>/lease.json                                        the live flow run holding the id
 ```
 
 Run ids and partitions become single key segments, so they hold no `/` and no `=` (a Hive-style
-`run=<id>` segment must parse back to the id). Every function validates the key it returns, so a bad
-id fails where the key is made, with the id named, not later inside a store call.
+`run=<id>` segment must parse back to the id); a run id has at most 64 characters. Every function
+validates the key it returns, so a bad id fails where the key is made, with the id named, not later
+inside a store call; `item_keys` checks, when the catalogue index is read, every key an item will
+produce in any run.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ from storage.store import Store
 MANIFEST_PREFIX = "manifest/"
 REVIEW_PREFIX = "review/"
 PUBLISHED_PREFIX = "published"
+PUBLICATIONS_PREFIX = "publications"
 GATE_FILE = "gate.json"
+MAX_RUN_ID_CHARS = 64
+# Outputs are PNG whatever the input was (tasks/edit.py), so published keys end the same way.
+OUTPUT_SUFFIX = ".png"
 
 
 class RunLayoutError(ValueError):
@@ -47,6 +55,8 @@ def segment(name: str, value: str) -> str:
 
 
 def _run(run_id: str) -> str:
+    if len(run_id) > MAX_RUN_ID_CHARS:
+        raise RunLayoutError(f"run_id: {run_id[:20]!r}... is longer than {MAX_RUN_ID_CHARS} characters")
     return f"run={segment('run_id', run_id)}"
 
 
@@ -56,7 +66,7 @@ def edited_prefix(run_id: str) -> str:
 
 
 def output_key(run_id: str, category: str, partition: str, image_id: str) -> str:
-    return join_key(edited_prefix(run_id), category, segment("partition", partition), f"{image_id}.png")
+    return join_key(edited_prefix(run_id), category, segment("partition", partition), image_id + OUTPUT_SUFFIX)
 
 
 def done_key(run_id: str, partition: str) -> str:
@@ -108,6 +118,26 @@ def published_key(category: str, image_id: str, edited_key: str) -> str:
     return join_key(PUBLISHED_PREFIX, category, image_id + PurePosixPath(edited_key).suffix)
 
 
+def publication_key(category: str, image_id: str) -> str:
+    """The record of who published `published/<category>/<image_id>`: run id, edit time, digest.
+
+    A sidecar rather than object metadata, so the local store and S3 keep it the same way.
+    """
+    return join_key(PUBLICATIONS_PREFIX, category, f"{image_id}.json")
+
+
+def item_keys(category: str, partition: str, image_id: str) -> list[str]:
+    """Every key one catalogue item produces in a run, built with the longest run id allowed.
+
+    Checked when the catalogue index is read (storage.layout), so an item whose keys no store can
+    hold becomes its own error row there instead of failing its partition's write.
+    """
+    longest_run_id = "r" * MAX_RUN_ID_CHARS
+    edited = output_key(longest_run_id, category, partition, image_id)
+    return [edited, published_key(category, image_id, edited), publication_key(category, image_id),
+            manifest_key(longest_run_id, partition)]
+
+
 # runs/
 def summary_key(run_id: str) -> str:
     return join_key("runs", segment("run_id", run_id), "summary.json")
@@ -137,6 +167,11 @@ def key_for_uri(store: Store, uri: str) -> str:
 RUNS_PREFIX = "runs/"
 RUN_TABLE_FILE = "run.parquet"
 RUN_CATEGORY_TABLE_FILE = "categories.parquet"
+
+
+def lease_key(run_id: str) -> str:
+    """`runs/run=<run_id>/lease.json`: which flow run holds the run id now (tasks/lease.py)."""
+    return join_key("runs", _run(run_id), "lease.json")
 
 
 def run_table_key(run_id: str) -> str:

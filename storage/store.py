@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -28,7 +29,7 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from storage.keys import InvalidKeyError, StoreError, validate_key, validate_prefix
+from storage.keys import MAX_KEY_BYTES, InvalidKeyError, StoreError, validate_key, validate_prefix
 
 __all__ = [
     "AccessDeniedError",
@@ -36,10 +37,12 @@ __all__ = [
     "LocalStore",
     "NotFoundError",
     "ObjectInfo",
+    "ObjectTooLargeError",
     "S3Store",
     "Store",
     "StoreError",
     "StoreUnavailableError",
+    "UnsafePathError",
     "open_store",
 ]
 
@@ -76,6 +79,22 @@ class StoreUnavailableError(StoreError):
     """The backend kept failing (throttling, 5xx, connection errors) after every allowed attempt."""
 
 
+class ObjectTooLargeError(StoreError):
+    """The object is larger than the caller's byte limit; refused before its body is read."""
+
+    def __init__(self, key: str, size: int, limit: int) -> None:
+        self.key, self.size, self.limit = key, size, limit
+        super().__init__(f"{key}: {size} bytes exceeds the limit of {limit} bytes")
+
+
+class UnsafePathError(StoreError):
+    """A local key that leads outside the store root (a symbolic link) or to no regular file."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key, self.reason = key, reason
+        super().__init__(f"{key}: {reason}")
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One listed object. `etag` is a change token: S3's ETag, or mtime+size for local files."""
@@ -91,8 +110,16 @@ class Store(ABC):
     uri: str
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """Return the object's bytes; `NotFoundError` if it is absent."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Return the object's bytes; `NotFoundError` if it is absent.
+
+        With `max_bytes`, a larger object raises `ObjectTooLargeError` from the size the backend
+        reports, before its body is read (a 2 GB upload must not be pulled into memory to be refused).
+        """
+
+    @abstractmethod
+    def read_head(self, key: str, length: int) -> tuple[bytes, int]:
+        """The object's first `length` bytes (fewer if it is shorter) and its total size in bytes."""
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
@@ -158,22 +185,63 @@ class LocalStore(Store):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
+        self.skipped: dict[str, str] = {}
 
     def _path(self, key: str) -> Path:
-        return self.root / validate_key(key)
+        """The file behind `key`, refused if a symbolic link on the way leads outside the root.
+
+        Keys are validated text, but the folder is not: a `catalogue/link -> /elsewhere` would read,
+        and a `published -> /elsewhere` write and delete, outside the store. Checked once per call;
+        a link swapped in between this check and the I/O (a race needing write access to the folder
+        itself) is not covered.
+        """
+        path = self.root / validate_key(key)
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise UnsafePathError(key, f"resolves to {resolved}, outside the store root {self.root}")
+        return path
 
     def local_path(self, key: str) -> Path:
         return self._path(key)
 
     def uri_for(self, key: str) -> str:
-        return self._path(key).as_uri()
+        return (self.root / validate_key(key)).as_uri()
 
-    def get_bytes(self, key: str) -> bytes:
-        path = self._path(key)
+    def _open_regular(self, key: str) -> tuple[int, int]:
+        """An open read descriptor of the regular file behind `key`, and its size.
+
+        Non-blocking, so a FIFO is refused instead of hanging the reader; devices and sockets are
+        refused too (a link to /dev/zero would read until memory runs out).
+        """
+        path = self._path(key).resolve()
         try:
-            return path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(key, self.uri) from None
+        except OSError as exc:
+            raise UnsafePathError(key, f"cannot be opened as a regular file: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return fd, st.st_size
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise NotFoundError(key, self.uri)
+        raise UnsafePathError(key, "not a regular file (a FIFO, device or socket)")
+
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        fd, size = self._open_regular(key)
+        with os.fdopen(fd, "rb") as f:
+            if max_bytes is not None and size > max_bytes:
+                raise ObjectTooLargeError(key, size, max_bytes)
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:  # grew since fstat
+            raise ObjectTooLargeError(key, len(data), max_bytes)
+        return data
+
+    def read_head(self, key: str, length: int) -> tuple[bytes, int]:
+        fd, size = self._open_regular(key)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(length), size
 
     def _write_temp(self, path: Path, data: bytes) -> Path:
         """Write `data` next to `path` (same filesystem, so link/rename are atomic), fsync'd."""
@@ -225,6 +293,8 @@ class LocalStore(Store):
             parent = parent.parent
 
     def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Regular files only: dangling links, links out of the root, FIFOs, devices and sockets are
+        skipped, logged and kept in `skipped` (key -> reason), so one odd file never breaks a listing."""
         validate_prefix(prefix)
         # Walk only the deepest folder the prefix pins down; the rest of the prefix filters names.
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
@@ -239,21 +309,40 @@ class LocalStore(Store):
                     continue
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
                 if key.startswith(prefix):
-                    st = os.stat(os.path.join(dirpath, name))
-                    found.append(ObjectInfo(key, st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}"))
+                    st = self._listed_file(key, os.path.join(dirpath, name))
+                    if st is not None:
+                        found.append(ObjectInfo(key, st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}"))
         # Python orders str by code point, which is UTF-8 byte order: the same order S3 lists in.
         found.sort(key=lambda info: info.key)
         return iter(found)
+
+    def _listed_file(self, key: str, path: str) -> os.stat_result | None:
+        """The stat of a listed regular file inside the root, or None (skipped and reported)."""
+        reason = None
+        try:
+            st = os.stat(path)
+            resolved = Path(path).resolve()
+            if self.root not in resolved.parents:
+                reason = f"a link to {resolved}, outside the store root"
+            elif not stat.S_ISREG(st.st_mode):
+                reason = "not a regular file (a FIFO, device or socket)"
+        except OSError as exc:
+            reason = f"unreadable ({exc.strerror}; a dangling link?)"
+        if reason is None:
+            return st
+        if self.skipped.get(key) != reason:
+            log.warning("%s: skipped %s in listing: %s", self.uri, key, reason)
+        self.skipped[key] = reason
+        return None
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self.uri_for(key)
 
     def download_file(self, key: str, dest: Path) -> None:
-        src = self._path(key)
-        if not src.is_file():
-            raise NotFoundError(key, self.uri)
+        fd, _ = self._open_regular(key)
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
+        with os.fdopen(fd, "rb") as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out)
 
 
 # Error codes that mean "try again later" rather than "your request is wrong".
@@ -344,7 +433,10 @@ class S3Store(Store):
 
     def _full(self, key: str) -> str:
         validate_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
+        full = f"{self.prefix}/{key}" if self.prefix else key
+        if len(full.encode()) > MAX_KEY_BYTES:  # S3's limit counts the bucket prefix too
+            raise InvalidKeyError(key, f"with the store prefix {self.prefix!r} longer than {MAX_KEY_BYTES} bytes")
+        return full
 
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
@@ -417,11 +509,31 @@ class S3Store(Store):
             )
         return StoreError(f"{what} {where}: S3 error {status} {code}: {exc}")
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         full = self._full(key)
 
         def get() -> bytes:
-            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            response = self._client.get_object(Bucket=self.bucket, Key=full)
+            if max_bytes is not None and response["ContentLength"] > max_bytes:
+                response["Body"].close()
+                raise ObjectTooLargeError(key, response["ContentLength"], max_bytes)
+            return response["Body"].read()
+
+        return self._call("get", key, get)
+
+    def read_head(self, key: str, length: int) -> tuple[bytes, int]:
+        full = self._full(key)
+
+        def get() -> tuple[bytes, int]:
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes=0-{length - 1}")
+            except botocore.exceptions.ClientError as exc:
+                if _error_code(exc)[0] == "InvalidRange":  # S3's answer for any range of an empty object
+                    return b"", 0
+                raise
+            total = response.get("ContentRange", "").rpartition("/")[2]
+            head = response["Body"].read()
+            return head, int(total) if total.isdigit() else response["ContentLength"]
 
         return self._call("get", key, get)
 

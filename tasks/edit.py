@@ -17,6 +17,7 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from itertools import groupby
 
@@ -31,9 +32,17 @@ from editing.models import LoadedModel
 from editing.quality import assess
 from editing.seeds import item_seed
 from storage.images import ImageError, encode_png, load_image
-from storage.manifest import manifest_row, write_manifest_partition
+from storage.keys import InvalidKeyError
+from storage.manifest import keep_recorded_verdicts, manifest_row, write_manifest_partition
 from storage.run_layout import done_key, output_key
-from storage.store import NotFoundError, Store, open_store
+from storage.store import (
+    AccessDeniedError,
+    NotFoundError,
+    Store,
+    StoreUnavailableError,
+    UnsafePathError,
+    open_store,
+)
 from tasks.models import cached_model, model_step
 from tasks.params import PartitionJob
 
@@ -57,9 +66,14 @@ class RootFlowRun(CachePolicy):
 
 # Reused within one refresh flow run (resume after review, retry), never by a later run.
 SAME_REFRESH_RUN = INPUTS + TASK_SOURCE + RootFlowRun()
+# The options of every task a resumed refresh takes back from result storage. JSON, not pickle: the
+# results are plain dicts, and a pickle in a shared result folder would run code when it is loaded.
+RESUMABLE = {"cache_policy": SAME_REFRESH_RUN, "persist_result": True, "result_serializer": "json"}
+# Failures of the store itself, not of one item: the partition fails and is retried as a whole.
+_NOT_ITEM_ERRORS = (StoreUnavailableError, AccessDeniedError)
 
 
-@task(retries=1, retry_delay_seconds=[10], cache_policy=SAME_REFRESH_RUN, persist_result=True)
+@task(retries=1, retry_delay_seconds=[10], **RESUMABLE)
 def edit_partition(job: PartitionJob) -> dict:
     """Edit every item of the partition (or skip it if a previous attempt finished); returns its summary."""
     out = open_store(job.output_uri)
@@ -70,6 +84,8 @@ def edit_partition(job: PartitionJob) -> dict:
     rows = []
     for category, items in groupby(sorted(job.items, key=lambda i: i["category"]), key=lambda i: i["category"]):
         rows += edit_category(job, category, list(items))
+    # A rewrite (lost marker, reused run id) must not send reviewed rows back to pending.
+    rows = keep_recorded_verdicts(out, job.run_id, job.partition, rows)
     write_manifest_partition(out, job.run_id, job.partition, rows)
     summary = partition_summary(job.partition, rows, time.monotonic() - started)
     out.put_bytes(marker, json.dumps(summary, sort_keys=True).encode(), content_type="application/json")
@@ -100,28 +116,85 @@ def edit_category(job: PartitionJob, category: str, items: list[dict]) -> list[d
     instruction = cached_instruction(out, record, model)
     rows = bad_rows
     # Batch by batch, so a partition of large photos never holds more than one batch in memory.
-    for start in range(0, len(items), job.apply.batch_size):
-        loaded = []
-        for item in items[start : start + job.apply.batch_size]:
-            started = time.monotonic()
-            try:
-                loaded.append((item, load_image(store, item["key"]), time.monotonic() - started))
-            except ImageError as exc:
-                rows.append(error_row(job, item, exc.code, str(exc)))
-            except NotFoundError as exc:
-                rows.append(error_row(job, item, "not_found", str(exc)))
+    for loaded, failed in loaded_batches(job, store, items):
+        rows += failed
         if not loaded:
             continue
         seeds = [item_seed(job.run_id, item["image_id"], category) for item, _, _ in loaded]
         started = time.monotonic()
         with model_step(job.model_slot):
-            outputs = apply_instruction(model, instruction, [img for _, img, _ in loaded],
-                                        job.apply.for_method(), seeds)
+            outputs = apply_each(model, instruction, [img for _, img, _ in loaded], job, seeds)
         model_s = (time.monotonic() - started) / len(loaded)
         for (item, source, load_s), output, seed in zip(loaded, outputs, seeds, strict=True):
-            rows.append(finish_item(job, store, out, model, record, item, source, output, seed,
-                                    {"load_s": load_s, "model_s": model_s}))
+            if isinstance(output, Exception):
+                rows.append(item_error_row(job, item, output))
+                continue
+            try:
+                rows.append(finish_item(job, store, out, model, record, item, source, output, seed,
+                                        {"load_s": load_s, "model_s": model_s}))
+            except _NOT_ITEM_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one item's failure costs its row, not the partition
+                rows.append(item_error_row(job, item, exc))
     return rows
+
+
+def loaded_batches(job: PartitionJob, store: Store, items: list[dict]) -> Iterator[tuple[list, list[dict]]]:
+    """(loaded images, error rows) per batch: at most `batch_size` images and, past the first image,
+    at most `max_batch_pixels` pixels, since lifting a batch to full resolution costs memory by pixel."""
+    loaded: list[tuple[dict, Image.Image, float]] = []
+    failed: list[dict] = []
+    pixels = 0
+    for item in items:
+        started = time.monotonic()
+        try:
+            image = load_image(store, item["key"])
+        except _NOT_ITEM_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one item's failure costs its row, not the partition
+            failed.append(item_error_row(job, item, exc))
+            continue
+        if loaded and pixels + image.width * image.height > job.apply.max_batch_pixels:
+            yield loaded, failed
+            loaded, failed, pixels = [], [], 0
+        loaded.append((item, image, time.monotonic() - started))
+        pixels += image.width * image.height
+        if len(loaded) == job.apply.batch_size:
+            yield loaded, failed
+            loaded, failed, pixels = [], [], 0
+    if loaded or failed:
+        yield loaded, failed
+
+
+def apply_each(model: LoadedModel, instruction: LearnedInstruction, images: list[Image.Image], job: PartitionJob,
+               seeds: list[int]) -> list[Image.Image | Exception]:
+    """The batch's outputs; if the batch fails, each image alone, so one bad image costs one row."""
+    try:
+        return apply_instruction(model, instruction, images, job.apply.for_method(), seeds)
+    except Exception as exc:  # noqa: BLE001
+        if len(images) == 1:
+            return [exc]
+    outputs: list[Image.Image | Exception] = []
+    for image, seed in zip(images, seeds, strict=True):
+        outputs += apply_each(model, instruction, [image], job, [seed])
+    return outputs
+
+
+def item_error_row(job: PartitionJob, item: dict, exc: Exception) -> dict:
+    """The error row of an item that raised; `error_code` from the image and store vocabulary."""
+    if isinstance(exc, ImageError):
+        code = exc.code
+    elif isinstance(exc, NotFoundError):
+        code = "not_found"
+    elif isinstance(exc, InvalidKeyError):
+        code = "invalid_key"
+    elif isinstance(exc, UnsafePathError):
+        code = "unsafe_path"
+    elif isinstance(exc, MemoryError):
+        code = "out_of_memory"
+    else:
+        code = "item_failed"
+    return error_row(job, item, code, str(exc) or type(exc).__name__)
 
 
 def finish_item(

@@ -4,10 +4,11 @@ Prefect UI's run forms (field descriptions and bounds show up there) and `retouc
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 from prefect.input import RunInput
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from editing.instruct import ApplyConfig, LearnConfig
 from editing.models import DTypeName
@@ -15,8 +16,9 @@ from editing.quality import QCThresholds
 
 
 class _Config(BaseModel):
-    # A typo in a YAML config or UI form should be an error, not a silently ignored field.
-    model_config = ConfigDict(extra="forbid")
+    # A typo in a YAML config or UI form should be an error, not a silently ignored field; an
+    # infinite or NaN number is never a setting.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LearnParams(_Config):
@@ -67,13 +69,18 @@ class ApplyParams(_Config):
     image_guidance_scale: float | None = Field(None, ge=0, le=10.0, description="Image guidance scale: "
                                                "higher keeps the output closer to the source photo.")
     batch_size: int = Field(16, ge=1, le=256, description="Images per model call; bounds memory per worker.")
+    max_batch_pixels: int = Field(
+        64_000_000, ge=1_000_000, le=4_000_000_000,
+        description="Input pixels per model call: a batch is cut short when its photos add up to more, "
+        "because lifting the edits to full resolution needs memory per pixel (a photo larger than this "
+        "is edited alone).")
     dtype: DTypeName = Field(
         "float32", description="Compute dtype of the model step: bfloat16 is faster on CPUs with AMX / "
         "AVX512-BF16 and on GPUs, its outputs within about 1/100 of float32's (README: Speed); float16 is "
         "meant for GPUs.")
 
     def for_method(self) -> ApplyConfig:
-        return ApplyConfig(**self.model_dump(), full_resolution=True, progress=False)
+        return ApplyConfig(**self.model_dump(exclude={"max_batch_pixels"}), full_resolution=True, progress=False)
 
 
 class QCConfig(_Config):
@@ -97,6 +104,16 @@ class QCConfig(_Config):
     fail_output_std: float = Field(0.01, ge=0, le=1, description="Luminance standard deviation below "
                                    "which the output counts as flat (fail).")
 
+    @model_validator(mode="after")
+    def _flag_before_fail(self) -> QCConfig:
+        # A fail threshold beyond its flag threshold would fail items QC never flagged.
+        for low, high in (("fail_ssim_structure", "flag_ssim_structure"),
+                          ("flag_clipped_fraction", "fail_clipped_fraction"),
+                          ("flag_strength_min", "flag_strength_max")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low}={getattr(self, low)} must not exceed {high}={getattr(self, high)}")
+        return self
+
     def thresholds(self) -> QCThresholds:
         return QCThresholds(**self.model_dump())
 
@@ -108,7 +125,9 @@ class ReviewConfig(BaseModel):
         default="human",
         description=(
             "human: pause (or suspend under a deployment) until a reviewer decides. "
-            "auto_approve_passing: approve QC-pass items and reject the rest without waiting (demo)."
+            "auto_approve_passing: approve QC-pass items and reject the rest without waiting (demo). "
+            "Under a deployment the deployment's own policy decides: a run asking for auto-approval "
+            "on a human-review deployment is refused."
         ),
     )
     timeout_s: int = Field(
@@ -123,12 +142,48 @@ class ReviewConfig(BaseModel):
         le=3600,
         description="How often a paused run checks for a decision (resume latency is at most this).",
     )
+    link_expiry_s: int = Field(
+        default=3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Lifetime of the presigned contact-sheet links shown to the reviewer and in artifacts; "
+        "the run summary keeps store keys. `retouch review list` prints fresh links.",
+    )
+
+
+# The reviewer's name is recorded on manifest rows and written to logs: printable text only.
+MAX_REVIEWER_CHARS = 200
+# What the Prefect server can refuse at resume time (JSON-schema `pattern`, the same in Python, Rust and
+# JavaScript regex syntax): control, zero-width, bidirectional and line-separator characters, and a
+# name of spaces only. `check_reviewer` is the full rule; the flow refuses what gets past this.
+_NOT_IN_NAMES = r"\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb"
+REVIEWER_PATTERN = rf"^[^{_NOT_IN_NAMES}]*[^{_NOT_IN_NAMES}\s][^{_NOT_IN_NAMES}]*$"
+
+
+def check_reviewer(name: str) -> str:
+    """The reviewer's name, stripped; `ValueError` unless it is printable text of at most 200 characters.
+
+    One rule for every way a name comes in: the CLI, the Resume form and replayed decision records.
+    Printable means no control, format (zero-width, bidirectional override) or line-break character and
+    no space other than U+0020: such characters forge log lines or hide who decided.
+    """
+    cleaned = name.strip()
+    if not cleaned:
+        raise ValueError("reviewer is empty")
+    if len(cleaned) > MAX_REVIEWER_CHARS:
+        raise ValueError(f"reviewer has {len(cleaned)} characters, at most {MAX_REVIEWER_CHARS} are allowed")
+    for char in cleaned:
+        if not char.isprintable():
+            what = unicodedata.name(char, unicodedata.category(char))
+            raise ValueError(f"reviewer contains U+{ord(char):04X} ({what}); only printable text is allowed")
+    return cleaned
 
 
 class ReviewDecision(RunInput):
     """The Resume form. `reviewer` is required and never pre-filled, so nobody approves anonymously."""
 
-    reviewer: str = Field(min_length=1, description="Who decides; recorded on every manifest row.")
+    reviewer: str = Field(min_length=1, max_length=MAX_REVIEWER_CHARS, pattern=REVIEWER_PATTERN,
+                          description="Who decides; recorded on every manifest row.")
     approve_all_passing: bool = Field(default=False, description="Approve every item that passed QC.")
     approve_ids: list[str] = Field(
         default_factory=list, description="Approve these image ids, even if QC flagged them."
@@ -143,13 +198,20 @@ class ReviewDecision(RunInput):
             "Unset: all categories. Empty list: only the listed ids."
         ),
     )
-    comment: str = Field(default="", description="Free text, kept in the run's log and summary.")
+    comment: str = Field(default="", max_length=2000, description="Free text, kept in the run's log and summary.")
+
+    @field_validator("reviewer")
+    @classmethod
+    def _printable_reviewer(cls, value: str) -> str:
+        return check_reviewer(value)
 
 
 class RefreshConfig(_Config):
     """One catalogue refresh: where the data is, which model, and how to learn, apply, check and review."""
 
-    store_uri: str = Field(description="Root holding exemplars/ and catalogue/ (local path or s3://bucket/prefix).")
+    store_uri: str = Field(
+        min_length=1, pattern=r"\S",
+        description="Root holding exemplars/ and catalogue/ (local path or s3://bucket/prefix).")
     output_uri: str | None = Field(
         None, description="Root for instructions/, edited/, manifest/ and runs/; empty = the input store.")
     run_id: str | None = Field(

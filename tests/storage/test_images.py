@@ -214,3 +214,35 @@ def test_missing_after_image_is_reported_and_refused(store):
     with pytest.raises(MissingPairHalfError) as info:
         load_pair(store, ghost)
     assert info.value.key == "exemplars/relight/p2/after.jpg"
+
+
+class _CountingStore:
+    """Wraps a store and records how many bytes each read asked for (None: the whole object)."""
+
+    def __init__(self, store):
+        self.store, self.full_reads, self.head_reads = store, [], []
+
+    def get_bytes(self, key, max_bytes=None):
+        self.full_reads.append(key)
+        return self.store.get_bytes(key, max_bytes=max_bytes)
+
+    def read_head(self, key, length):
+        self.head_reads.append(length)
+        return self.store.read_head(key, length)
+
+
+def test_oversized_header_or_object_is_refused_before_the_object_is_read(store):
+    # A header claiming 100000 x 100000 pixels, padded to 1 MiB: only the first bytes may be read.
+    store.put_bytes("catalogue/bomb.png", _bomb_png(100_000, 100_000) + b"\0" * (1024 * 1024))
+    counting = _CountingStore(store)
+    with pytest.raises(DecompressionBombError, match="exceeds the limit|decompression-bomb"):
+        load_image(counting, "catalogue/bomb.png")
+    assert counting.full_reads == [] and max(counting.head_reads) <= 64 * 1024
+    # An object over the byte limit is refused from its size alone.
+    photo = _save(_noise((200, 200)), "PNG")
+    store.put_bytes("catalogue/photo.png", photo)
+    counting = _CountingStore(store)
+    with pytest.raises(DecompressionBombError, match=f"{len(photo)} bytes exceeds the limit of 1000 bytes"):
+        load_image(counting, "catalogue/photo.png", max_bytes=1000)
+    assert counting.full_reads == []
+    assert load_image(store, "catalogue/photo.png").size == (200, 200)

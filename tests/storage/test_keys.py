@@ -15,7 +15,7 @@ from storage.keys import InvalidKeyError, join_key, validate_key, validate_prefi
         "run=2026-11-21/part-0.parquet",
         "ünïcödé/ファイル.png",
         "a..b/c..",
-        "x" * 1024,
+        "/".join(["x" * 255] * 3 + ["x" * 254, "x"]),  # 1024 bytes, no segment over 255
     ],
 )
 def test_valid_keys_pass_unchanged(key):
@@ -38,6 +38,8 @@ def test_valid_keys_pass_unchanged(key):
         ("./a", "empty or '.' segment"),
         ("a/", "ends with '/'"),
         ("é" * 513, "longer than 1024 bytes"),
+        # A file name on local filesystems: an id of 300 characters would fail the write, not here.
+        ("edited/" + "x" * 252 + ".png", "segment is longer than 255 bytes"),
     ],
 )
 def test_bad_keys_name_the_key_and_reason(key, reason):

@@ -18,6 +18,7 @@ from storage.layout import (
     list_exemplar_pairs,
     load_pair,
     read_catalogue_index,
+    stray_exemplar_keys,
     write_catalogue_index,
 )
 from storage.manifest import manifest_row, read_manifest, write_manifest_partition
@@ -206,3 +207,46 @@ def test_writing_an_index_with_a_bad_key_is_refused(store):
 def test_missing_catalogue_index_is_a_clear_error(store):
     with pytest.raises(CatalogueIndexError, match="no catalogue/index.parquet or catalogue/index.csv"):
         read_catalogue_index(store)
+
+
+def test_item_whose_output_keys_cannot_exist_becomes_its_own_error_row(store):
+    # 252 characters is a valid id, but "<id>.png" is a 256-byte file name: no local disk holds it.
+    long_id = "x" * 252
+    csv = f"image_id,key,category,partition\nok,catalogue/a.jpg,c,p0\n{long_id},catalogue/b.jpg,c,p0\n"
+    store.put_bytes("catalogue/index.csv", csv.encode())
+    index = read_catalogue_index(store).set_index("image_id")
+    assert index.loc["ok", "index_error"] == ""
+    assert "output keys would be invalid" in index.loc[long_id, "index_error"]
+    assert "longer than 255 bytes" in index.loc[long_id, "index_error"]
+
+
+class _ListingStore:
+    """Only what exemplar listing needs, over keys S3 keeps but no store call accepts (`//`, `..`)."""
+
+    uri = "memory://"
+
+    def __init__(self, keys):
+        self.keys = sorted(keys)
+
+    def list(self, prefix=""):
+        return iter([k for k in self.keys if k.startswith(prefix)])
+
+
+def test_malformed_exemplar_keys_become_reported_problems_not_crashes():
+    store = _ListingStore([
+        "exemplars//x.jpg",
+        "exemplars/warm/../before.png",
+        "exemplars/warm/../after.png",
+        "exemplars/warm/p1/before.png",
+        "exemplars/warm/p1/after.png",
+        "exemplars/warm//p2/after.png",
+    ])
+    assert list_categories(store) == ["warm"]
+    assert [(p.key, p.code) for p in stray_exemplar_keys(store)] == [("exemplars//x.jpg", "unexpected_key")]
+    pairs, problems = list_exemplar_pairs(store, "warm")
+    assert [p.pair_id for p in pairs] == ["p1"]
+    assert sorted((p.key, p.code) for p in problems) == [
+        ("exemplars/warm/../after.png", "invalid_key"),
+        ("exemplars/warm/../before.png", "invalid_key"),
+        ("exemplars/warm//p2/after.png", "invalid_key"),
+    ]

@@ -18,9 +18,11 @@ from storage.store import (
     InvalidKeyError,
     LocalStore,
     NotFoundError,
+    ObjectTooLargeError,
     S3Store,
     StoreError,
     StoreUnavailableError,
+    UnsafePathError,
     open_store,
 )
 
@@ -177,7 +179,11 @@ def test_s3_random_5xx_faults_are_absorbed(fault_proxy, seaweed_s3, s3_uri):
         store.put_bytes(f"f/{i:02d}", str(i).encode())
     assert [store.get_bytes(f"f/{i:02d}") for i in range(15)] == [str(i).encode() for i in range(15)]
     assert list(store.list("f/")) == [f"f/{i:02d}" for i in range(15)]
-    assert store.create_if_absent("f/lock", b"1") in (True, False)
+    # An injected fault answers instead of the server, so no write is lost behind a retry: the first
+    # create of a fresh key wins, the second finds it, and the bytes are the first writer's.
+    assert store.create_if_absent("f/lock", b"1") is True
+    assert store.create_if_absent("f/lock", b"2") is False
+    assert store.get_bytes("f/lock") == b"1"
     assert proxy.plan.faults > 3, "the plan must actually have injected faults"
 
 
@@ -217,3 +223,81 @@ def test_local_download_file_copies(tmp_path: Path):
     assert (tmp_path / "out" / "w.bin").read_bytes() == b"weights"
     with pytest.raises(NotFoundError):
         store.download_file("m/none", tmp_path / "out" / "none")
+
+
+def test_byte_limit_refuses_a_larger_object_from_its_size_and_head_reads_only_the_start(store):
+    store.put_bytes("big/obj", bytes(range(256)) * 40)  # 10240 bytes
+    with pytest.raises(ObjectTooLargeError, match="10240 bytes exceeds the limit of 1000") as info:
+        store.get_bytes("big/obj", max_bytes=1000)
+    assert (info.value.size, info.value.limit) == (10240, 1000)
+    assert store.get_bytes("big/obj", max_bytes=10240) == bytes(range(256)) * 40
+    assert store.read_head("big/obj", 300) == ((bytes(range(256)) * 2)[:300], 10240)
+    store.put_bytes("big/empty", b"")
+    assert store.read_head("big/empty", 300) == (b"", 0)
+    with pytest.raises(NotFoundError):
+        store.read_head("big/none", 10)
+
+
+@pytest.fixture
+def escape(tmp_path: Path) -> tuple[LocalStore, Path]:
+    """A local store and, next to it, a folder outside its root holding a secret."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"secret")
+    return LocalStore(tmp_path / "root"), outside
+
+
+def test_local_store_refuses_links_that_lead_out_of_its_root(escape):
+    store, outside = escape
+    (store.root / "catalogue").mkdir(parents=True)
+    (store.root / "catalogue" / "link.png").symlink_to(outside / "secret.png")
+    (store.root / "published").symlink_to(outside, target_is_directory=True)
+    (store.root / "zero").symlink_to("/dev/zero")
+    with pytest.raises(UnsafePathError, match="outside the store root"):
+        store.get_bytes("catalogue/link.png")
+    with pytest.raises(UnsafePathError, match="outside the store root"):
+        store.put_bytes("published/secret.png", b"overwritten")
+    with pytest.raises(UnsafePathError):
+        store.create_if_absent("published/new.png", b"new")
+    with pytest.raises(UnsafePathError):
+        store.delete("published/secret.png")
+    with pytest.raises(UnsafePathError):  # a device: refused before a single byte is read
+        store.get_bytes("zero", max_bytes=10)
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.png"]
+    assert (outside / "secret.png").read_bytes() == b"secret"
+    # A link that stays inside the root is an ordinary object.
+    store.put_bytes("real/a.png", b"inside")
+    (store.root / "alias.png").symlink_to(store.root / "real" / "a.png")
+    assert store.get_bytes("alias.png") == b"inside"
+
+
+def test_local_listing_skips_and_reports_dangling_links_fifos_and_links_out(escape, caplog):
+    store, outside = escape
+    store.put_bytes("catalogue/ok.png", b"ok")
+    (store.root / "catalogue" / "dangling.png").symlink_to(store.root / "catalogue" / "gone.png")
+    (store.root / "catalogue" / "out.png").symlink_to(outside / "secret.png")
+    os.mkfifo(store.root / "catalogue" / "fifo.png")
+    assert list(store.list("catalogue/")) == ["catalogue/ok.png"]
+    assert set(store.skipped) == {"catalogue/dangling.png", "catalogue/out.png", "catalogue/fifo.png"}
+    assert "outside the store root" in store.skipped["catalogue/out.png"]
+    assert "not a regular file" in store.skipped["catalogue/fifo.png"]
+    assert "skipped catalogue/fifo.png" in caplog.text
+
+
+def test_local_read_of_a_fifo_is_refused_instead_of_hanging(tmp_path):
+    store = LocalStore(tmp_path / "root")
+    store.put_bytes("catalogue/x", b"")
+    os.mkfifo(store.root / "catalogue" / "pipe.png")
+    outcome: list[BaseException | bytes] = []
+    reader = threading.Thread(target=lambda: outcome.append(_try(store.get_bytes, "catalogue/pipe.png")), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert isinstance(outcome[0], UnsafePathError) and "not a regular file" in str(outcome[0])
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        return exc

@@ -1,0 +1,137 @@
+"""edit_partition's bookkeeping, with the model step replaced by a stand-in: one item's failure costs
+its row, batches are bounded by pixels, a rewrite keeps recorded verdicts, results persist as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from prefect import flow
+from prefect.logging import disable_run_logger
+
+from storage.images import encode_png
+from storage.manifest import manifest_row, read_manifest, write_manifest_partition
+from storage.run_layout import done_key
+from storage.store import LocalStore
+from tasks import edit
+from tasks.params import ApplyParams, PartitionJob
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture
+def model_step(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int]]]:
+    """Replace model, instruction and QC; returns the image sizes of every model call.
+
+    The stand-in edit is the identity, and refuses a batch holding a 13x13 image.
+    """
+    calls: list[list[tuple[int, int]]] = []
+
+    def apply_instruction(model, instruction, images, config, seeds):
+        calls.append([image.size for image in images])
+        if (13, 13) in [image.size for image in images]:
+            raise ValueError("the model cannot take a 13x13 image")
+        return list(images)
+
+    qc = SimpleNamespace(ssim_structure=1.0, edit_strength=1.0, direction_agreement=1.0, clipped_fraction=0.0,
+                         status="pass", figures=dict)
+    monkeypatch.setattr(edit, "cached_model", lambda *a: SimpleNamespace(model_id="stand-in", sha256="0" * 64))
+    monkeypatch.setattr(edit, "cached_instruction", lambda *a: object())
+    monkeypatch.setattr(edit, "apply_instruction", apply_instruction)
+    monkeypatch.setattr(edit, "assess", lambda *a: qc)
+    return calls
+
+
+def _job(store: LocalStore, items: list[dict], **apply: object) -> PartitionJob:
+    record = {"status": "ok", "cache_key": "k", "sha256": "s", "reference_shift": [0.0]}
+    return PartitionJob(store_uri=store.uri, output_uri=store.uri, run_id="r1", partition="p0", items=items,
+                        instructions={"c": record}, apply=ApplyParams(**apply))
+
+
+def _item(store: LocalStore, image_id: str, size: tuple[int, int]) -> dict:
+    key = f"catalogue/{image_id}.png"
+    store.put_bytes(key, encode_png(Image.new("RGB", size, (90, 60, 30))))
+    return {"image_id": image_id, "key": key, "category": "c", "index_error": ""}
+
+
+def test_any_exception_for_one_item_costs_its_row_not_the_partition(store, model_step, monkeypatch) -> None:
+    items = [_item(store, "good-1", (8, 8)), _item(store, "odd", (13, 13)), _item(store, "flaky", (8, 8)),
+             _item(store, "good-2", (8, 8))]
+    real_load = edit.load_image
+
+    def load_image(where, key):
+        if key == "catalogue/flaky.png":
+            raise RuntimeError("the decoder crashed")
+        return real_load(where, key)
+
+    monkeypatch.setattr(edit, "load_image", load_image)
+    with disable_run_logger():
+        summary = edit.edit_partition.fn(_job(store, items))
+
+    rows = read_manifest(store, "r1").set_index("image_id")
+    assert summary["items"] == 4 and summary["qc_status"] == {"error": 2, "pass": 2}
+    assert rows.loc["flaky", ["qc_status", "error_code", "error"]].tolist() == ["error", "item_failed",
+                                                                                 "the decoder crashed"]
+    assert rows.loc["odd", ["qc_status", "error_code"]].tolist() == ["error", "item_failed"]
+    assert "13x13" in rows.loc["odd", "error"]
+    assert rows.loc[["good-1", "good-2"], "output_uri"].notna().all()
+    # The batch that failed was retried image by image: only the odd one was lost.
+    assert model_step == [[(8, 8), (13, 13), (8, 8)], [(8, 8)], [(13, 13)], [(8, 8)]]
+    assert store.exists(done_key("r1", "p0"))
+
+
+def test_batches_are_cut_by_pixels_so_a_partition_of_large_photos_stays_bounded(store, model_step) -> None:
+    items = [_item(store, f"big-{i}", (1000, 1000)) for i in range(5)]
+    with disable_run_logger():
+        edit.edit_partition.fn(_job(store, items, batch_size=16, max_batch_pixels=2_000_000))
+    assert [len(call) for call in model_step] == [2, 2, 1]
+    assert all(sum(w * h for w, h in call) <= 2_000_000 for call in model_step)
+
+
+def test_a_rewritten_partition_keeps_every_recorded_verdict(store) -> None:
+    """A lost completion marker (or a reused run id) edits the partition again: reviewed rows stay."""
+    reviewed = manifest_row(run_id="r1", image_id="a", category="c", partition="p0", method="instructbrush",
+                            output_uri=store.uri_for("edited/a.png"), qc_status="pass", review_status="approved",
+                            reviewer="alice", published_uri=store.uri_for("published/c/a.png"))
+    gone = {**reviewed, "image_id": "gone", "review_status": "rejected", "published_uri": None}
+    write_manifest_partition(store, "r1", "p0", [reviewed, gone])
+    items = [{"image_id": i, "key": f"../{i}.png", "category": "c", "index_error": "bad key"} for i in ("a", "b")]
+    with disable_run_logger():
+        edit.edit_partition.fn(_job(store, items))
+    rows = read_manifest(store, "r1").set_index("image_id")
+    assert sorted(rows.index) == ["a", "b", "gone"]
+    assert rows.loc["a", ["review_status", "reviewer", "qc_status"]].tolist() == ["approved", "alice", "pass"]
+    assert rows.loc["gone", "review_status"] == "rejected"
+    assert rows.loc["b", ["review_status", "error_code"]].tolist() == ["pending", "invalid_key"]
+
+
+def test_resumable_results_are_json_and_a_resumed_flow_run_takes_them_back(prefect_harness, store) -> None:
+    """A retried flow run re-executes from the top, like a resume after suspend; the partition comes
+    back Cached from a JSON result (a pickle there would run code when it is loaded)."""
+    marker = {"partition": "p0", "items": 0, "qc_status": {}, "by_category": {}, "duration_s": 0.5}
+    store.put_bytes(done_key("r1", "p0"), json.dumps(marker).encode())
+    job = _job(store, [])
+    states = []
+
+    @flow(retries=1, retry_delay_seconds=0)
+    def resumed() -> dict:
+        states.append(edit.edit_partition(job, return_state=True))
+        if len(states) == 1:
+            raise RuntimeError("the process stops at the gate")
+        return states[-1].result()
+
+    assert resumed() == {**marker, "skipped": True}
+    assert [s.name for s in states] == ["Completed", "Cached"]
+    record = states[0].data
+    assert record.metadata.serializer.type == "json"
+    stored = json.loads(Path(record.metadata.storage_key).read_bytes())
+    assert stored["metadata"]["serializer"]["type"] == "json"
+    assert json.loads(stored["result"]) == {**marker, "skipped": True}
+    for options in (edit.edit_partition, edit.edit_partition.with_options(**edit.RESUMABLE)):
+        assert options.result_serializer == "json" and options.persist_result
