@@ -106,12 +106,9 @@ class QCConfig(_Config):
 
     @model_validator(mode="after")
     def _flag_before_fail(self) -> QCConfig:
-        # A fail threshold beyond its flag threshold would fail items QC never flagged.
-        for low, high in (("fail_ssim_structure", "flag_ssim_structure"),
-                          ("flag_clipped_fraction", "fail_clipped_fraction"),
-                          ("flag_strength_min", "flag_strength_max")):
-            if getattr(self, low) > getattr(self, high):
-                raise ValueError(f"{low}={getattr(self, low)} must not exceed {high}={getattr(self, high)}")
+        # Refused when the config is read, not when the first partition is checked; the order rule
+        # itself is editing.quality.QCThresholds'.
+        self.thresholds()
         return self
 
     def thresholds(self) -> QCThresholds:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -24,6 +24,9 @@ from editing.seeds import item_seed
 class ApplyConfig(BaseModel):
     """Application settings; None takes the instruction's learned defaults (guidance chosen on its
     exemplar pairs), then the model's edits.json defaults (else IP2P's)."""
+
+    # An infinite or NaN guidance scale would turn every output into NaN, not into an error.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, description="text guidance scale")

@@ -13,10 +13,11 @@ import json
 from dataclasses import dataclass, field
 
 import safetensors.torch
+import torch
 from PIL import Image
 from torch import Tensor
 
-from editing.instruct.kv import InstructionKV
+from editing.instruct.kv import SPACES, InstructionKV, cross_attention_layers
 from editing.instruct.ops import count_instruction_tokens, encode_text
 
 ARTIFACT_FORMAT = "catalogue-retouch/instruction"
@@ -135,6 +136,42 @@ def save_instruction(instruction: LearnedInstruction) -> tuple[bytes, dict]:
     return data, metadata
 
 
+def check_tensors(tensors: dict[str, Tensor], metadata: dict, model) -> None:
+    """Refuse an artifact whose tensors are not exactly what `model` takes for its space.
+
+    The content hash is unkeyed: it catches corruption and mismatched files, not a deliberate edit
+    with the hash recomputed. This check bounds what such an edit can do: every tensor's name, shape
+    and dtype must be the model's (a wrong shape would otherwise be broadcast), and nothing extra.
+    """
+    try:
+        space, num_tokens, num_groups = metadata["space"], int(metadata["num_tokens"]), int(metadata["num_groups"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InstructionIntegrityError(f"instruction metadata incomplete: {exc!r}") from None
+    text_encoder, length = model.pipe.text_encoder, model.pipe.tokenizer.model_max_length
+    width = text_encoder.config.hidden_size
+    if space not in SPACES or not 1 <= num_tokens <= length - 2 or not 1 <= num_groups <= 1000:
+        raise InstructionIntegrityError(
+            f"instruction metadata out of range: space={space!r}, num_tokens={num_tokens}, num_groups={num_groups}"
+        )
+    expected = {"context": (length, width)}
+    if space == "text":
+        expected["tokens"] = (num_tokens, width)
+    else:
+        for name, attn in cross_attention_layers(model.pipe.unet).items():
+            expected[f"keys/{name}"] = (num_groups, length, attn.to_k.out_features)
+            expected[f"values/{name}"] = (num_groups, length, attn.to_v.out_features)
+    if extra := sorted(set(tensors) - set(expected)):
+        raise InstructionIntegrityError(f"instruction has tensors this model does not take: {extra[:5]}")
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise InstructionIntegrityError(f"instruction lacks tensor {name!r}")
+        if tuple(tensors[name].shape) != shape or tensors[name].dtype != torch.float32:
+            raise InstructionIntegrityError(
+                f"instruction tensor {name!r} is {tuple(tensors[name].shape)} {tensors[name].dtype}, "
+                f"this model takes {shape} torch.float32"
+            )
+
+
 def load_instruction(data: bytes, metadata: dict, model) -> LearnedInstruction:
     """Verify the artifact's content hash and its model binding, then rebuild the instruction."""
     if metadata.get("format") != ARTIFACT_FORMAT:
@@ -148,6 +185,7 @@ def load_instruction(data: bytes, metadata: dict, model) -> LearnedInstruction:
         )
     check_model_binding(metadata, metadata["model_id"], metadata["model_sha256"], model)
     tensors = safetensors.torch.load(data)
+    check_tensors(tensors, metadata, model)
     context = tensors.pop("context")
     return LearnedInstruction(
         category=metadata["category"],
