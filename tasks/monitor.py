@@ -85,7 +85,9 @@ def flow_run_fields() -> dict[str, Any]:
     """The enclosing flow run's id, UI link and scheduled start (outside a flow run: none)."""
     if not flow_run.id:
         return {"flow_run_id": None, "flow_run_url": None, "scheduled_at": None}
-    return {"flow_run_id": str(flow_run.id), "flow_run_url": flow_run.ui_url,
+    # Without PREFECT_UI_URL (an embedded server) Prefect still builds a link, starting "None/".
+    url = flow_run.ui_url
+    return {"flow_run_id": str(flow_run.id), "flow_run_url": url if url and url.startswith("http") else None,
             "scheduled_at": flow_run.scheduled_start_time.astimezone(UTC)}
 
 

@@ -59,6 +59,8 @@ def test_run_rows_count_what_the_manifest_holds_and_name_the_flow_run(recorded):
     with get_client(sync_client=True) as client:
         prefect_run = client.read_flow_run(uuid.UUID(recorded["nights"][0]["flow_run_id"]))
     assert first["flow_run_id"] == str(prefect_run.id)
+    assert first["flow_run_url"].startswith("http")
+    assert first["flow_run_url"].endswith(f"/flow-runs/flow-run/{prefect_run.id}")
     assert first["scheduled_at"] == pd.Timestamp(prefect_run.expected_start_time)
 
 
@@ -159,3 +161,16 @@ def test_a_gate_record_without_opened_at_gives_no_review_wait(tmp_path):
     store.put_bytes(gate_key("night-3"), json.dumps({"deadline": "2026-11-02T02:00:00+00:00",
                                                      "opened_at": "2026-11-01T02:30:00+00:00"}).encode())
     assert review_opened_at(store, "night-3").isoformat() == "2026-11-01T02:30:00+00:00"
+
+
+def test_no_link_to_a_flow_run_when_prefect_has_no_ui_url(monkeypatch):
+    """An embedded server has no UI URL; Prefect then builds "None/flow-runs/..." links."""
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    import tasks.monitor
+
+    started = datetime(2026, 11, 1, 2, tzinfo=UTC)
+    monkeypatch.setattr(tasks.monitor, "flow_run", SimpleNamespace(
+        id="abc", ui_url="None/flow-runs/flow-run/abc", scheduled_start_time=started))
+    assert tasks.monitor.flow_run_fields() == {"flow_run_id": "abc", "flow_run_url": None, "scheduled_at": started}
