@@ -26,6 +26,8 @@ from pydantic import ValidationError
 
 from cli.main import app
 from flows.expire import expire_overdue_reviews
+from storage.run_layout import contact_sheet_key
+from storage.store import open_store
 from tasks.params import ReviewDecision
 from tasks.review import RUN_TAG_PREFIX, pending_rows, run_tag, summarise, verdicts_for
 
@@ -124,8 +126,12 @@ def _run(fn, *args) -> None:
 @review_app.command("list")
 def list_cmd(
     store: Annotated[str | None, typer.Option(help="Manifest root; default: the flow run's config.")] = None,
+    link_expiry: Annotated[
+        int, typer.Option(help="Seconds the printed contact-sheet links stay valid.", min=60, max=7 * 24 * 3600)
+    ] = 3600,
 ) -> None:
-    """Paused runs and what waits in each: counts per category and QC status."""
+    """Paused runs and what waits in each: counts per category and QC status, with fresh contact-sheet
+    links (presigned now, valid --link-expiry seconds)."""
     runs = [r for r in _paused_runs() if run_id_of(r)]
     if not runs:
         typer.echo("no run is waiting for review")
@@ -138,9 +144,13 @@ def list_cmd(
         if not store_uri:
             continue
         summary = summarise(pending_rows(store_uri, run_id))
+        out = open_store(store_uri)
         for category, counts in sorted(summary["by_category"].items()):
             figures = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             typer.echo(f"  {category}: {figures}")
+            sheet = contact_sheet_key(run_id, category)
+            if out.exists(sheet):
+                typer.echo(f"    contact sheet: {out.presigned_url(sheet, expires_s=link_expiry)}")
 
 
 @review_app.command("approve")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
 from prefect import flow, get_client, get_run_logger
@@ -16,8 +15,9 @@ from prefect.client.schemas.objects import StateType
 
 from storage.run_layout import REVIEW_PREFIX, gate_run_id
 from storage.store import open_store
+from tasks.decisions import read_gate
 from tasks.publish import publish_partition
-from tasks.review import pending_rows, run_tag, verdicts_for
+from tasks.review import covered_rows, pending_rows, run_tag, verdicts_for
 
 
 def expire_overdue_reviews(store_uri: str, now: datetime | None = None) -> dict[str, list[str]]:
@@ -27,7 +27,8 @@ def expire_overdue_reviews(store_uri: str, now: datetime | None = None) -> dict[
     process left to update the manifest; this sweep records the outcome (hourly as the
     `expire-reviews/hourly` deployment, or `retouch review expire STORE`). Nothing is published.
     A run that still has a flow run scheduled or running is left alone: it was resumed in time and
-    will apply its decision itself. Returns the run ids `expired` and `still_running`.
+    will apply its decision itself. Only the items the gate opened for expire: items a reused run id
+    added since are not overdue. Returns the run ids `expired` and `still_running`.
     """
     store = open_store(store_uri)
     now = now or datetime.now(UTC)
@@ -36,13 +37,12 @@ def expire_overdue_reviews(store_uri: str, now: datetime | None = None) -> dict[
         run_id = gate_run_id(key)
         if run_id is None:
             continue
-        try:
-            deadline = datetime.fromisoformat(json.loads(store.get_bytes(key))["deadline"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"run {run_id}: unreadable review gate {store.uri_for(key)}: {exc}") from None
-        if deadline > now:
+        gate = read_gate(store_uri, run_id)
+        if datetime.fromisoformat(gate["deadline"]) > now:
             continue
         rows = pending_rows(store_uri, run_id)
+        if "items" in gate:  # gates recorded before items were: every pending row
+            rows = covered_rows(rows, gate["items"])
         if rows.empty:
             continue
         if active_flow_runs(run_id):

@@ -23,25 +23,28 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.learn import learn_instructions
-from flows.review import review_and_publish
+from flows.review import check_review_policy, review_and_publish
 from storage.run_layout import done_key, edited_prefix, manifest_prefix
 from storage.store import open_store
-from tasks.edit import SAME_REFRESH_RUN, edit_partition
+from tasks.edit import RESUMABLE, edit_partition
 from tasks.ingest import catalogue_partitions
+from tasks.lease import acquire_run_lease, release_run_lease
 from tasks.params import PartitionJob, RefreshConfig
 from tasks.report import report_category, write_run_summary
 from tasks.review import run_tag
 
 
-@flow(name="catalogue-refresh")
+@flow(name="catalogue-refresh", on_completion=[release_run_lease], on_failure=[release_run_lease],
+      on_crashed=[release_run_lease], on_cancellation=[release_run_lease])
 def catalogue_refresh(config: RefreshConfig) -> dict:
     """Refresh the edited catalogue; returns the run summary (also at runs/<run_id>/summary.json)."""
     run_id = config.run_id or scheduled_run_id()
+    check_review_policy(config.review)
+    acquire_run_lease(config.output_uri, run_id)
     get_run_logger().info("run %s: %s -> %s", run_id, config.store_uri, config.output_uri)
     timings: dict[str, float] = {}
     with stage(timings, "ingest"):
-        partitions = catalogue_partitions.with_options(cache_policy=SAME_REFRESH_RUN, persist_result=True)(
-            config.store_uri, config.categories)
+        partitions = catalogue_partitions.with_options(**RESUMABLE)(config.store_uri, config.categories)
     with stage(timings, "learn"):
         instructions = learn_once(config)
     with stage(timings, "edit"):
@@ -50,9 +53,9 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
             jobs, config.gpu_work_pool, config.partition_deployment)
     with stage(timings, "report"):
         categories = sorted({item["category"] for items in partitions.values() for item in items})
-        reports = report_category.with_options(cache_policy=SAME_REFRESH_RUN, persist_result=True).map(
+        reports = report_category.with_options(**RESUMABLE).map(
             unmapped(config.store_uri), unmapped(config.output_uri), unmapped(run_id), categories,
-            [instructions.get(c, {}) for c in categories]).result()
+            [instructions.get(c, {}) for c in categories], unmapped(config.review.link_expiry_s)).result()
     with stage(timings, "review"):
         review = review_and_publish(config.output_uri, run_id, config.review)
     summary = run_summary(config, run_id, instructions, edited, reports, review, timings)
@@ -60,7 +63,7 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
     return summary
 
 
-@task(cache_policy=SAME_REFRESH_RUN, persist_result=True)
+@task(**RESUMABLE)
 def learn_once(config: RefreshConfig) -> dict[str, dict]:
     """The learn-instructions subflow, once per refresh flow run.
 
@@ -96,7 +99,7 @@ def refresh_partition(job: PartitionJob) -> dict:
     return edit_partition(job)
 
 
-@task(retries=1, retry_delay_seconds=[30], cache_policy=SAME_REFRESH_RUN, persist_result=True)
+@task(retries=1, retry_delay_seconds=[30], **RESUMABLE)
 def edit_partition_on_pool(job: PartitionJob, deployment: str) -> dict:
     """Run one partition as a run of the partition deployment and wait for it; returns its summary.
 

@@ -6,9 +6,10 @@ publishes per partition. Under a deployment it suspends instead of pausing, so n
 overnight; on resume the flow re-runs from the top, the upstream work comes back cached, and the
 rows already decided stay decided.
 
-Every decision is written to the store (`review/run=<run_id>/decisions/`) before anything is
-published, so a process killed while publishing loses nothing: the next run of the same run id
-replays the recorded decisions onto the rows still pending before it asks anyone again.
+Every decision is written to the store (`review/run=<run_id>/decisions/`), signed and with the
+exact rows it decided, before anything is published, so a process killed while publishing loses
+nothing: the next run of the same run id replays the signed records onto those rows, if still
+pending, before it asks anyone again. Records it cannot trust are refused and named (log, summary).
 
 Runs nobody answers are swept by `flows.expire` (hourly, deployments/prefect.yaml).
 """
@@ -25,6 +26,7 @@ from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input.actions import read_flow_run_input
 from prefect.input.run_input import keyset_from_base_key
 from prefect.states import Running
+from pydantic import ValidationError
 
 from tasks.decisions import record_decision, recorded_decisions, review_deadline
 from tasks.params import ReviewConfig, ReviewDecision
@@ -33,12 +35,38 @@ from tasks.report import artifact_key, describe
 from tasks.review import (
     AUTO_REVIEWER,
     add_counts,
-    decide_partition,
+    covered_rows,
+    decide,
     pending_rows,
     review_status_counts,
+    row_versions,
     run_tag,
     summarise_pending,
 )
+
+
+class ReviewPolicyError(ValueError):
+    """A run asks for a review policy its deployment does not allow."""
+
+
+def check_review_policy(config: ReviewConfig) -> None:
+    """Refuse auto-approval asked by a run of a deployment whose own policy is human review.
+
+    Whoever can start a run can set its parameters; only whoever can edit the deployment can change
+    its default `config.review.policy` (absent: `human`). Runs outside a deployment (the demo, `retouch
+    refresh`) are started by someone who can write to the store anyway and keep their parameter.
+    """
+    ctx = FlowRunContext.get()
+    if config.policy == "human" or not (ctx and ctx.flow_run and ctx.flow_run.deployment_id):
+        return
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(ctx.flow_run.deployment_id)
+    fixed = (((deployment.parameters or {}).get("config") or {}).get("review") or {}).get("policy", "human")
+    if fixed != config.policy:
+        raise ReviewPolicyError(
+            f"this run asks for review.policy={config.policy!r}, but deployment {deployment.name!r} fixes "
+            f"{fixed!r}; change the deployment (not the run) to review differently"
+        )
 
 
 def _tag_flow_run(run_id: str) -> None:
@@ -105,18 +133,28 @@ def _resume_after_timeout() -> None:
         client.set_flow_run_state(ctx.flow_run.id, Running(message="Review timed out"), force=True)
 
 
-def _apply(
-    store_uri: str, run_id: str, partitions: list[str], outcome: str, decision: dict | None, reviewed_at: str
-) -> dict:
-    """Decide and publish partition by partition; returns summed publish counts."""
-    reviewer = (decision or {}).get("reviewer")
-    futures = []
-    for partition in partitions:
-        verdicts = decide_partition(store_uri, run_id, partition, outcome, decision)
-        futures.append(
-            publish_partition.submit(store_uri, run_id, partition, verdicts, reviewer, reviewed_at)
-        )
+def _publish(store_uri: str, run_id: str, verdicts: dict[str, dict[str, str]], reviewer: str | None,
+             reviewed_at: str) -> dict:
+    """Publish and record partition by partition; returns summed publish counts."""
+    futures = [publish_partition.submit(store_uri, run_id, partition, part, reviewer, reviewed_at)
+               for partition, part in verdicts.items() if part]
     return add_counts(*(f.result() for f in futures))
+
+
+def _apply_record(store_uri: str, run_id: str, record: dict) -> dict:
+    """Apply a recorded decision to the rows it decided that are still pending, and no others."""
+    rows = covered_rows(pending_rows(store_uri, run_id), record["items"])
+    decision = ReviewDecision(**record["decision"])
+    return _publish(store_uri, run_id, decide(rows, "decision", record["decision"]), decision.reviewer,
+                    record["decided_at"])
+
+
+def _report_refused(run_id: str, refused: list[dict], result: dict) -> None:
+    logger = get_run_logger()
+    for record in refused:
+        if record not in result["refused_records"]:
+            logger.warning("run %s: refused review record %s: %s", run_id, record["uri"], record["reason"])
+            result["refused_records"].append(record)
 
 
 def review_and_publish(store_uri: str, run_id: str, config: ReviewConfig) -> dict:
@@ -125,59 +163,71 @@ def review_and_publish(store_uri: str, run_id: str, config: ReviewConfig) -> dic
     The run always ends cleanly: a timeout marks the pending rows `expired` and publishes nothing.
     """
     logger = get_run_logger()
+    check_review_policy(config)
     summary = summarise_pending(store_uri, run_id)
-    result: dict = {"run_id": run_id, "policy": config.policy, "reviewers": [], "comments": []}
+    result: dict = {"run_id": run_id, "policy": config.policy, "reviewers": [], "comments": [],
+                    "refused_records": []}
     published: dict[str, int] = {}
     outcome = "decided"
     if summary["total"] == 0:
         outcome = "nothing_pending"
     elif config.policy == "auto_approve_passing":
         decision = {"reviewer": AUTO_REVIEWER, "approve_all_passing": True}
-        published = _apply(
-            store_uri, run_id, summary["partitions"], "decision", decision, datetime.now(UTC).isoformat()
-        )
+        verdicts = decide(pending_rows(store_uri, run_id), "decision", decision)
+        published = _publish(store_uri, run_id, verdicts, AUTO_REVIEWER, datetime.now(UTC).isoformat())
         result["reviewers"].append(AUTO_REVIEWER)
     else:
         _tag_flow_run(run_id)
-        deadline = review_deadline(store_uri, run_id, config.timeout_s)
+        deadline = review_deadline(store_uri, run_id, config.timeout_s, row_versions(pending_rows(store_uri, run_id)))
+        applied: dict[tuple[str, int], dict] = {}
         # A run killed while publishing left rows pending that a reviewer already decided.
-        for record in recorded_decisions(store_uri, run_id):
+        records, refused = recorded_decisions(store_uri, run_id)
+        _report_refused(run_id, refused, result)
+        for record in records:
             if summary["total"] == 0:
                 break
-            decision = record["decision"]
-            logger.info("run %s: replaying the decision by %s of %s", run_id, decision["reviewer"],
-                        record["decided_at"])
-            replayed = _apply(store_uri, run_id, summary["partitions"], "decision", decision, record["decided_at"])
-            published = add_counts(published, replayed)
+            logger.info("run %s: replaying the decision by %r of %s (%d items)", run_id,
+                        record["decision"]["reviewer"], record["decided_at"], len(record["items"]))
+            published = add_counts(published, _apply_record(store_uri, run_id, record))
+            applied[record["flow_run_id"], record["round"]] = record
             summary = summarise_pending(store_uri, run_id)
         round_no = 0
         while summary["total"] > 0:
             round_no += 1
+            pending = pending_rows(store_uri, run_id)
+            shown = row_versions(pending)
             remaining = int((deadline - datetime.now(UTC)).total_seconds())
-            description = describe(store_uri, run_id, summary, deadline=deadline)
+            description = describe(store_uri, run_id, summary, deadline=deadline, link_expiry_s=config.link_expiry_s)
             create_markdown_artifact(markdown=description, key=artifact_key("review", run_id), description="Review")
-            if remaining > 0:
-                decision = _wait_for_decision(round_no, description, config, remaining)
-            else:
-                decision = _stored_decision(round_no)
+            try:
+                if remaining > 0:
+                    decision = _wait_for_decision(round_no, description, config, remaining)
+                else:
+                    decision = _stored_decision(round_no)
+            except ValidationError as exc:
+                # Past the form's schema (checked by the server) but not the reviewer rules: ask again.
+                logger.warning("run %s: round %d: decision refused (%s); asking again", run_id, round_no,
+                               "; ".join(e["msg"] for e in exc.errors()))
+                continue
             if decision is None:
                 logger.warning("run %s: review timed out; %d items expire", run_id, summary["total"])
-                _apply(store_uri, run_id, summary["partitions"], "timeout", None, datetime.now(UTC).isoformat())
+                _publish(store_uri, run_id, decide(pending, "timeout", None), None, datetime.now(UTC).isoformat())
                 outcome = "expired"
                 break
-            logger.info("run %s: decision by %s: %s", run_id, decision.reviewer, decision.comment)
-            pending_ids = set(pending_rows(store_uri, run_id)["image_id"].astype(str))
-            if unknown := sorted({*decision.approve_ids, *decision.reject_ids} - pending_ids):
+            logger.info("run %s: decision by %r: %r", run_id, decision.reviewer, decision.comment)
+            if unknown := sorted({*decision.approve_ids, *decision.reject_ids} - set(shown)):
                 # The UI form cannot check ids against the manifest; the CLI refuses them up front.
-                logger.warning("run %s: the decision by %s names ids that are not pending (ignored): %s",
-                               run_id, decision.reviewer, ", ".join(unknown))
-            record = record_decision(store_uri, run_id, round_no, decision.model_dump(mode="json"))
-            decided = _apply(
-                store_uri, run_id, summary["partitions"], "decision", record["decision"], record["decided_at"]
-            )
-            published = add_counts(published, decided)
+                logger.warning("run %s: the decision by %r names ids that are not pending (ignored): %r",
+                               run_id, decision.reviewer, unknown)
+            fields = decision.model_dump(mode="json")
+            decided = {i for part in decide(covered_rows(pending, shown), "decision", fields).values() for i in part}
+            record, refused = record_decision(store_uri, run_id, round_no, fields,
+                                              {i: shown[i] for i in sorted(decided)})
+            _report_refused(run_id, refused, result)
+            published = add_counts(published, _apply_record(store_uri, run_id, record))
+            applied[record["flow_run_id"], record["round"]] = record
             summary = summarise_pending(store_uri, run_id)
-        decisions = [ReviewDecision(**r["decision"]) for r in recorded_decisions(store_uri, run_id)]
+        decisions = [ReviewDecision(**r["decision"]) for r in sorted(applied.values(), key=lambda r: r["decided_at"])]
         result["reviewers"] = [d.reviewer for d in decisions]
         result["comments"] = [d.comment for d in decisions if d.comment]
     statuses = review_status_counts(store_uri, run_id)

@@ -8,14 +8,23 @@ from prefect import get_run_logger, task
 from editing.instruct import pair_sha256
 from editing.quality import reference_shift
 from storage.images import ImageError
-from storage.layout import list_categories, list_exemplar_pairs, load_pair, read_catalogue_index
-from storage.store import open_store
+from storage.layout import (
+    list_categories,
+    list_exemplar_pairs,
+    load_pair,
+    read_catalogue_index,
+    stray_exemplar_keys,
+)
+from storage.store import UnsafePathError, open_store
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def exemplar_categories(store_uri: str, wanted: list[str] | None) -> list[str]:
-    """Categories with exemplars, limited to `wanted` when given."""
-    found = list_categories(open_store(store_uri))
+    """Categories with exemplars, limited to `wanted` when given; keys in no category are reported."""
+    store = open_store(store_uri)
+    for problem in stray_exemplar_keys(store):
+        get_run_logger().warning("exemplars: %r (%s): %s", problem.key, problem.code, problem.reason)
+    found = list_categories(store)
     return [c for c in found if wanted is None or c in wanted]
 
 
@@ -31,6 +40,9 @@ def validate_exemplars(store_uri: str, category: str) -> dict:
             before, after = load_pair(store, pair)
         except ImageError as exc:
             problems.append({"key": exc.key, "code": exc.code, "reason": str(exc)})
+            continue
+        except UnsafePathError as exc:
+            problems.append({"key": exc.key, "code": "unsafe_path", "reason": str(exc)})
             continue
         images.append((before, after))
         usable.append({"pair_id": pair.pair_id, "before_key": pair.before_key, "after_key": pair.after_key,

@@ -1,6 +1,12 @@
 """What the data team and the reviewer see: per-category contact sheets and Prefect artifacts with
 stable keys (so the UI shows each category's history), the review gate's description, and the run
-summary in the store."""
+summary in the store.
+
+Stored records (the run summary, task results) name contact sheets by store key. A link is presigned
+only where it is shown (artifacts, the Resume form, `retouch review list`), with a short lifetime
+(`ReviewConfig.link_expiry_s`, default one hour): anyone holding a presigned URL can read the object
+until it expires, and summaries and artifacts outlive any review.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from storage.store import Store, open_store
 SHEET_ITEMS = 8
 THUMB = 160
 TABLE_ROWS = 500
+DEFAULT_LINK_EXPIRY_S = 3600
 MAX_IDS_IN_DESCRIPTION = 50
 QC_COLUMNS = ["image_id", "partition", "qc_status", "qc_ssim_structure", "qc_edit_strength",
               "qc_direction_agreement", "qc_clipped_fraction", "error_code"]
@@ -46,26 +53,30 @@ def contact_sheet(store: Store, out: Store, rows: pd.DataFrame) -> Image.Image:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def report_category(store_uri: str, output_uri: str, run_id: str, category: str, instruction: dict) -> dict:
-    """Contact sheet, QC table and summary artifacts of one category; returns its QC counts."""
+def report_category(store_uri: str, output_uri: str, run_id: str, category: str, instruction: dict,
+                    link_expiry_s: int = DEFAULT_LINK_EXPIRY_S) -> dict:
+    """Contact sheet, QC table and summary artifacts of one category; returns its QC counts and the
+    contact sheet's key (a key, never a presigned URL: the result is persisted)."""
     store, out = open_store(store_uri), open_store(output_uri)
     manifest = read_manifest(out, run_id)
     rows = manifest[manifest["category"] == category].sort_values("image_id")
     counts = {str(k): int(v) for k, v in rows["qc_status"].value_counts().sort_index().items()}
     edited = rows[rows["output_uri"].notna()]
-    sheet_url = None
+    sheet_url = sheet_key = None
     if len(edited):
-        key = contact_sheet_key(run_id, category)
-        out.put_bytes(key, encode_png(contact_sheet(store, out, edited.head(SHEET_ITEMS))), content_type="image/png")
-        sheet_url = out.presigned_url(key, expires_s=7 * 24 * 3600)
+        sheet_key = contact_sheet_key(run_id, category)
+        out.put_bytes(sheet_key, encode_png(contact_sheet(store, out, edited.head(SHEET_ITEMS))),
+                      content_type="image/png")
+        sheet_url = out.presigned_url(sheet_key, expires_s=link_expiry_s)
         create_image_artifact(image_url=sheet_url, key=artifact_key("contact-sheet", category),
-                              description=f"{category}: before | after, first {SHEET_ITEMS} items of run {run_id}")
+                              description=f"{category}: before | after, first {SHEET_ITEMS} items of run {run_id} "
+                              f"(link valid {link_expiry_s // 60} min; `retouch review list` prints a fresh one)")
     table = rows[QC_COLUMNS].head(TABLE_ROWS).astype(object).where(rows[QC_COLUMNS].head(TABLE_ROWS).notna(), None)
     create_table_artifact(table=table.to_dict("records"), key=artifact_key("qc", category),
                           description=f"{category}: QC figures of run {run_id}")
     create_markdown_artifact(markdown=category_markdown(category, run_id, counts, edited, instruction, sheet_url),
                              key=artifact_key("summary", category), description=f"{category}: run {run_id}")
-    return {"category": category, "items": len(rows), "qc_status": counts, "contact_sheet": sheet_url}
+    return {"category": category, "items": len(rows), "qc_status": counts, "contact_sheet": sheet_key}
 
 
 def category_markdown(category: str, run_id: str, counts: dict, edited: pd.DataFrame, instruction: dict,
@@ -124,7 +135,8 @@ def report_exemplar_problems(exemplars: list[dict]) -> int:
     return len(problems)
 
 
-def describe(store_uri: str, run_id: str, summary: dict, *, deadline: datetime) -> str:
+def describe(store_uri: str, run_id: str, summary: dict, *, deadline: datetime,
+             link_expiry_s: int = DEFAULT_LINK_EXPIRY_S) -> str:
     """Markdown shown above the Resume form: what waits, how QC judged it, where to look."""
     store = open_store(store_uri)
     lines = [
@@ -143,7 +155,7 @@ def describe(store_uri: str, run_id: str, summary: dict, *, deadline: datetime) 
         try:
             key = contact_sheet_key(run_id, category)
             if store.exists(key):
-                sheet = f"[{category}.png]({store.presigned_url(key, expires_s=7 * 24 * 3600)})"
+                sheet = f"[{category}.png]({store.presigned_url(key, expires_s=link_expiry_s)})"
         except InvalidKeyError:
             pass
         row = " | ".join(str(counts.get(s, 0)) for s in ("pass", "flag", "fail", "error"))
@@ -160,6 +172,7 @@ def describe(store_uri: str, run_id: str, summary: dict, *, deadline: datetime) 
         "",
         (
             "Items in scope and not approved are rejected; error items are never published. "
+            f"Contact-sheet links are valid {link_expiry_s // 60} min; `retouch review list` prints fresh ones. "
             f"CLI: `retouch review approve {run_id} --all-passing --reviewer NAME`."
         ),
     ]

@@ -66,6 +66,22 @@ def summarise_pending(store_uri: str, run_id: str) -> dict:
     return summarise(pending_rows(store_uri, run_id))
 
 
+def row_versions(rows: pd.DataFrame) -> dict[str, str]:
+    """image id -> the row's version (its `created_at`): what a decision records it was shown.
+
+    A re-edit of the item writes a new row with a new `created_at`, so a recorded decision does not
+    carry over to an output nobody has seen.
+    """
+    return {str(i): pd.Timestamp(t).isoformat() for i, t in zip(rows["image_id"], rows["created_at"], strict=True)}
+
+
+def covered_rows(rows: pd.DataFrame, items: Mapping[str, str]) -> pd.DataFrame:
+    """The rows whose image id and version are both in `items`."""
+    mask = [items.get(str(i)) == pd.Timestamp(t).isoformat()
+            for i, t in zip(rows["image_id"], rows["created_at"], strict=True)]
+    return rows[mask] if len(rows) else rows
+
+
 def verdicts_for(
     rows: pd.DataFrame,
     *,
@@ -111,22 +127,20 @@ def verdicts_for(
     return verdicts
 
 
-@task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
-def decide_partition(
-    store_uri: str, run_id: str, partition: str, outcome: str, decision: Mapping | None
-) -> dict[str, str]:
-    """Verdicts for one partition's pending rows (image_id -> status)."""
-    rows = pending_rows(store_uri, run_id)
-    rows = rows[rows["partition"].astype(str) == partition]
+def decide(rows: pd.DataFrame, outcome: str, decision: Mapping | None) -> dict[str, dict[str, str]]:
+    """Verdicts of `rows` (pending ones) for one decision or a timeout, per partition."""
     d = dict(decision or {})
-    return verdicts_for(
-        rows,
-        outcome=outcome,
-        approve_all_passing=bool(d.get("approve_all_passing", False)),
-        approve_ids=d.get("approve_ids") or (),
-        reject_ids=d.get("reject_ids") or (),
-        categories=d.get("categories"),
-    )
+    by_partition: dict[str, dict[str, str]] = {}
+    for partition, part in rows.groupby(rows["partition"].astype(str), sort=True):
+        by_partition[str(partition)] = verdicts_for(
+            part,
+            outcome=outcome,
+            approve_all_passing=bool(d.get("approve_all_passing", False)),
+            approve_ids=d.get("approve_ids") or (),
+            reject_ids=d.get("reject_ids") or (),
+            categories=d.get("categories"),
+        )
+    return by_partition
 
 
 def review_status_counts(store_uri: str, run_id: str) -> dict[str, int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import safetensors.torch
 from prefect.logging import disable_run_logger
 from prefect.settings import PREFECT_API_URL
 from typer.testing import CliRunner
@@ -27,14 +28,19 @@ from typer.testing import CliRunner
 from cli.main import app
 from cli.review import ReviewCliError, find_paused_flow_run
 from editing.instruct import InstructionIntegrityError, InstructionModelMismatch, load_instruction
+from editing.instruct.artifact import _content_hash
 from editing.models import load_model
 from flows.refresh import catalogue_refresh
+from storage.keys import InvalidKeyError
 from storage.manifest import read_manifest
-from storage.run_layout import done_key, key_for_uri
+from storage.run_layout import done_key, key_for_uri, lease_key
 from storage.store import open_store
 from tasks.decisions import recorded_decisions
+from tasks.edit import edit_category
 from tasks.ingest import catalogue_partitions, validate_exemplars
-from tasks.params import ReviewConfig
+from tasks.lease import LEASE_TTL_ENV
+from tasks.params import PartitionJob, ReviewConfig
+from tasks.signing import SIGNING_KEY_ENV
 from tests.flows.reliability_helpers import (
     add_bad_inputs,
     assert_nothing_lost,
@@ -60,6 +66,20 @@ def _edited_outputs(store, run_id: str) -> list[str]:
     ]
 
 
+@pytest.fixture
+def short_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed flow run cannot release its run id; a short time to live keeps the re-run waiting briefly.
+    Set before the driver's environment is copied, so both processes agree; signing likewise."""
+    monkeypatch.setenv(LEASE_TTL_ENV, "4")
+    monkeypatch.setenv(SIGNING_KEY_ENV, "reliability-signing-key-" + "5" * 32)
+
+
+def _wait_for_lease_to_lapse(store, run_id: str) -> None:
+    """What an operator re-running a crashed run id sees: refused until the dead run's lease lapses."""
+    lease = json.loads(store.get_bytes(lease_key(run_id)))
+    time.sleep(max(0.0, (pd.Timestamp(lease["expires_at"]) - pd.Timestamp.now(tz="UTC")).total_seconds()) + 0.5)
+
+
 def _kill_when(
     proc: subprocess.Popen, ready: Callable[[], object], what: str, deadline: float, log: Path
 ) -> None:
@@ -72,7 +92,7 @@ def _kill_when(
 
 
 def test_worker_killed_mid_partition_then_rerun_loses_and_duplicates_nothing(
-    prefect_harness, s3_uri, tiny_model, tmp_path
+    prefect_harness, s3_uri, tiny_model, tmp_path, short_leases
 ) -> None:
     store = open_store(s3_uri)
     index = build_shop(store, partitions=3, per_partition=4)
@@ -99,6 +119,7 @@ def test_worker_killed_mid_partition_then_rerun_loses_and_duplicates_nothing(
     # Killed in the middle of a partition: outputs exist, its marker and manifest file do not.
     assert not store.exists(done_key("kill-1", partition))
     assert not list(store.list(f"manifest/run=kill-1/part-{partition}"))
+    _wait_for_lease_to_lapse(store, "kill-1")
 
     summary = catalogue_refresh(config)
 
@@ -135,7 +156,7 @@ def _start_driver(config, slow_s: float, prefix: str, log: Path) -> subprocess.P
 
 
 def test_killed_while_publishing_then_rerun_publishes_every_approved_item_exactly_once(
-    prefect_harness, s3_uri, tiny_model, tmp_path
+    prefect_harness, s3_uri, tiny_model, tmp_path, short_leases
 ) -> None:
     store = open_store(s3_uri)
     index = build_shop(store, partitions=3, per_partition=4)
@@ -170,8 +191,9 @@ def test_killed_while_publishing_then_rerun_publishes_every_approved_item_exactl
     assert 0 < len(published_at_kill) < len(index)
     for key in published_at_kill:
         assert at_kill.loc[key.rsplit("/", 1)[1].removesuffix(".png"), "review_status"] == "pending", key
-    [record] = recorded_decisions(s3_uri, "pubkill-1")
-    assert record["decision"]["reviewer"] == "alice"
+    [record], refused = recorded_decisions(s3_uri, "pubkill-1")
+    assert record["decision"]["reviewer"] == "alice" and refused == []
+    _wait_for_lease_to_lapse(store, "pubkill-1")
 
     summary = catalogue_refresh(config)
 
@@ -183,6 +205,8 @@ def test_killed_while_publishing_then_rerun_publishes_every_approved_item_exactl
         "created": pending_at_kill - len(published_at_kill),
         "unchanged": len(published_at_kill),
         "replaced": 0,
+        "superseded": 0,
+        "unpublished": 0,
     }
     manifest = assert_nothing_lost(store, "pubkill-1", index).set_index("image_id")
     assert set(manifest["review_status"]) == {"approved"} and set(manifest["reviewer"]) == {"alice"}
@@ -252,29 +276,50 @@ def test_bad_inputs_become_error_rows_naming_the_reason_and_the_rest_completes(
 
 
 def _assert_tampered_instructions_refused(store, tiny_model: str, tmp_path: Path) -> None:
-    """A learned instruction loads only on the model it was learned on, and only byte-exact."""
+    """A learned instruction loads only on the model it was learned on, only byte-exact, and, even
+    with its content hash recomputed by whoever changed it, only with the tensors the model takes."""
     weights_key = next(k for k in store.list("instructions/") if k.endswith(".safetensors"))
     data = store.get_bytes(weights_key)
     metadata = json.loads(store.get_bytes(weights_key.removesuffix(".safetensors") + ".json"))
     model = load_model(tiny_model)
     assert load_instruction(data, metadata, model).sha256 == metadata["content_sha256"]
-    tampered = bytearray(data)
-    tampered[-1] ^= 0xFF
-    with pytest.raises(InstructionIntegrityError):
-        load_instruction(bytes(tampered), metadata, model)
+    for position in (8, len(data) // 2, len(data) - 1):
+        tampered = bytearray(data)
+        tampered[position] ^= 0xFF
+        with pytest.raises(InstructionIntegrityError, match="content hash"):
+            load_instruction(bytes(tampered), metadata, model)
+    tensors = safetensors.torch.load(data)
+    name = next(n for n in tensors if n != "context")
+    for changed in ({**tensors, "extra": tensors[name]}, {**tensors, name: tensors[name][..., :1].contiguous()}):
+        rehashed = safetensors.torch.save(changed)
+        with pytest.raises(InstructionIntegrityError, match="model"):
+            load_instruction(rehashed, {**metadata, "content_sha256": _content_hash(rehashed, metadata)}, model)
     other = load_model(build_tiny_ip2p(tmp_path / "other-model", seed=1))
     with pytest.raises(InstructionModelMismatch):
         load_instruction(data, metadata, other)
 
 
 def test_path_like_key_in_the_index_costs_one_row_not_the_run(tmp_path) -> None:
-    store = open_store(str(tmp_path))
+    store = open_store(str(tmp_path / "store"))
+    (tmp_path / "secret.png").write_bytes(b"outside the store")  # where the key would lead
     index = build_shop(store, partitions=1, per_partition=2)
     bad = pd.DataFrame(
-        [{"image_id": "escape", "key": "catalogue/../../etc/passwd", "category": "warm", "partition": "p0"}]
+        [{"image_id": "escape", "key": "catalogue/../../secret.png", "category": "warm", "partition": "p0"}]
     )
     buf = io.BytesIO()
     pd.concat([index, bad]).to_parquet(buf, index=False)
     store.put_bytes("catalogue/index.parquet", buf.getvalue())
-    partitions = catalogue_partitions.fn(store.uri, None)
-    assert sum(len(items) for items in partitions.values()) == 3
+    [items] = catalogue_partitions.fn(store.uri, None).values()
+    problems = {item["image_id"]: item["index_error"] for item in items}
+    escape = problems.pop("escape")
+    assert escape.startswith("bad key") and "'..' segment" in escape
+    assert set(problems.values()) == {""} and len(problems) == 2
+    job = PartitionJob(store_uri=store.uri, output_uri=store.uri, run_id="escape-1", partition="p0",
+                       items=[i for i in items if i["image_id"] == "escape"], instructions={})
+    with disable_run_logger():
+        [row] = edit_category(job, "warm", job.items)
+    assert (row["error_code"], row["qc_status"], row["source_uri"]) == ("invalid_key", "error",
+                                                                        "catalogue/../../secret.png")
+    assert "'..' segment" in row["error"]
+    with pytest.raises(InvalidKeyError):
+        store.get_bytes("catalogue/../../secret.png")
