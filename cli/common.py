@@ -1,15 +1,20 @@
-"""Helpers shared by the batch commands (`apply`, `edit`): walk a folder of images in any store,
-write one PNG per input with the same stem, report bad inputs and go on, end with one JSON line."""
+"""Helpers shared by the batch commands (`apply`, `edit`, `qc`): walk a folder of images in any store,
+decode them in batches, report bad inputs and go on, end with one JSON line."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import typer
+from PIL import Image
+
+from storage.images import ImageError, decode_image
+from storage.store import Store, StoreError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -54,3 +59,28 @@ def output_key_for(key: str) -> str:
 def batched(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def decoded_batches(
+    source: Store, keys: list[str], batch_size: int, report: BatchReport, label: str
+) -> Iterator[list[tuple[str, Image.Image]]]:
+    """The one batch loop of the batch commands: decoded photos, `batch_size` keys at a time.
+
+    An unreadable or undecodable photo is reported (`report.fail`) and left out of its batch, so the
+    rest goes on; a progress line goes to stderr after each batch, once its consumer is done with it.
+    """
+    started = time.monotonic()
+    done = 0
+    for chunk in batched(keys, batch_size):
+        photos = []
+        for key in chunk:
+            try:
+                photos.append((key, decode_image(source.get_bytes(key), key)))
+            except ImageError as exc:
+                report.fail(key, f"{exc.code}: {exc}")
+            except StoreError as exc:
+                report.fail(key, f"unreadable: {exc}")
+        if photos:
+            yield photos
+        done += len(chunk)
+        typer.echo(f"{label}: {done}/{len(keys)} ({time.monotonic() - started:.1f} s)", err=True)

@@ -8,15 +8,13 @@ with the same stem; unreadable inputs are reported and skipped; the last line is
 from __future__ import annotations
 
 import inspect
-import time
 from enum import Enum
 from typing import Annotated
 
 import torch
 import typer
 
-from cli.common import BatchReport, batched, image_keys, output_key_for
-from cli.main import app
+from cli.common import BatchReport, decoded_batches, image_keys, output_key_for
 
 
 class Method(str, Enum):
@@ -47,7 +45,6 @@ def _edit_function(method: Method):
     ]
 
 
-@app.command("edit")
 def edit_command(
     images_uri: Annotated[str, typer.Argument(help="Folder or s3://bucket/prefix of photos to edit.")],
     target_prompt: Annotated[str, typer.Option(help='What the photo should become, e.g. "a sepia photo".')],
@@ -86,9 +83,9 @@ def edit_command(
     from editing.lift import lift_edit
     from editing.models import load_model, native_resolution
     from editing.seeds import item_seed
-    from storage.images import ImageError, decode_image, encode_png
+    from storage.images import encode_png
     from storage.model_cache import materialise_model
-    from storage.store import StoreError, open_store
+    from storage.store import open_store
 
     if method is not Method.fpe and not source_prompt:
         raise typer.BadParameter(f"{method.value} inverts with the source prompt; give --source-prompt")
@@ -115,38 +112,30 @@ def edit_command(
         },
     )
     keys = list(image_keys(source))
-    started = time.monotonic()
-    done = 0
-    for chunk in batched(keys, batch_size):
-        photos: list[tuple[str, torch.Tensor]] = []
-        for key in chunk:
-            try:
-                photos.append((key, pil_to_tensor(decode_image(source.get_bytes(key), key))))
-            except ImageError as exc:
-                report.fail(key, f"{exc.code}: {exc}")
-            except StoreError as exc:
-                report.fail(key, f"unreadable: {exc}")
-        if photos:
-            small = torch.cat([to_native(full[None], resolution) for _, full in photos])
-            generators = [
-                torch.Generator(device=device).manual_seed(item_seed(str(seed), key, method.value))
-                for key, _ in photos
-            ]
-            result = edit(
-                loaded.pipe,
-                image=small,
-                source_prompt=source_prompt,
-                target_prompt=target_prompt,
-                num_inference_steps=steps,
-                generator=generators,
-                device=device,
-                **kwargs,
-            )
-            for (key, full), source_small, edited_small in zip(photos, small, result.images, strict=True):
-                lifted = lift_edit(full, source_small, edited_small.to(full))
-                out_key = output_key_for(key)
-                destination.put_bytes(out_key, encode_png(tensor_to_pil(lifted)), content_type="image/png")
-                report.written.append(out_key)
-        done += len(chunk)
-        typer.echo(f"edit {method.value}: {done}/{len(keys)} ({time.monotonic() - started:.1f} s)", err=True)
+    for decoded in decoded_batches(source, keys, batch_size, report, f"edit {method.value}"):
+        photos = [(key, pil_to_tensor(image)) for key, image in decoded]
+        small = torch.cat([to_native(full[None], resolution) for _, full in photos])
+        generators = [
+            torch.Generator(device=device).manual_seed(item_seed(str(seed), key, method.value))
+            for key, _ in photos
+        ]
+        result = edit(
+            loaded.pipe,
+            image=small,
+            source_prompt=source_prompt,
+            target_prompt=target_prompt,
+            num_inference_steps=steps,
+            generator=generators,
+            device=device,
+            **kwargs,
+        )
+        for (key, full), source_small, edited_small in zip(photos, small, result.images, strict=True):
+            lifted = lift_edit(full, source_small, edited_small.to(full))
+            out_key = output_key_for(key)
+            destination.put_bytes(out_key, encode_png(tensor_to_pil(lifted)), content_type="image/png")
+            report.written.append(out_key)
     report.emit()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("edit")(edit_command)

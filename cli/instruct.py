@@ -9,14 +9,12 @@ line.
 from __future__ import annotations
 
 import json
-import time
 from enum import Enum
 from typing import Annotated
 
 import typer
 
-from cli.common import BatchReport, batched, image_keys, output_key_for
-from cli.main import app
+from cli.common import BatchReport, decoded_batches, image_keys, output_key_for
 
 
 class Space(str, Enum):
@@ -57,7 +55,6 @@ def _load_model(model: str | None, device: str, dtype: str = "float32"):
     return load_model(materialise_model(model) if model else None, kind="ip2p", device=device, dtype=dtype)
 
 
-@app.command("learn")
 def learn_command(
     root_uri: Annotated[str, typer.Argument(help="Folder or s3:// prefix holding exemplars/<category>/...")],
     category: Annotated[str, typer.Option(help="Category (folder under exemplars/) to learn.")],
@@ -129,7 +126,6 @@ def learn_command(
     report.emit()
 
 
-@app.command("apply")
 def apply_command(
     instruction_uri: Annotated[str, typer.Argument(help="<name>.safetensors of a learned instruction.")],
     images_uri: Annotated[str, typer.Argument(help="Folder or s3:// prefix of photos.")],
@@ -160,8 +156,8 @@ def apply_command(
         load_instruction,
     )
     from editing.seeds import item_seed
-    from storage.images import ImageError, decode_image, encode_png
-    from storage.store import StoreError, open_store
+    from storage.images import encode_png
+    from storage.store import open_store
 
     root, key = _split_uri(instruction_uri)
     artifacts = open_store(root)
@@ -186,24 +182,16 @@ def apply_command(
         },
     )
     keys = list(image_keys(source))
-    started = time.monotonic()
-    done = 0
-    for chunk in batched(keys, batch_size):
-        photos = []
-        for image_key in chunk:
-            try:
-                photos.append((image_key, decode_image(source.get_bytes(image_key), image_key)))
-            except ImageError as exc:
-                report.fail(image_key, f"{exc.code}: {exc}")
-            except StoreError as exc:
-                report.fail(image_key, f"unreadable: {exc}")
-        if photos:
-            seeds = [item_seed(run_id, image_key, instruction.category) for image_key, _ in photos]
-            edited = apply_instruction(loaded, instruction, [img for _, img in photos], config, seeds)
-            for (image_key, _), result in zip(photos, edited, strict=True):
-                out_key = output_key_for(image_key)
-                destination.put_bytes(out_key, encode_png(result), content_type="image/png")
-                report.written.append(out_key)
-        done += len(chunk)
-        typer.echo(f"apply {instruction.category}: {done}/{len(keys)} ({time.monotonic() - started:.1f} s)", err=True)
+    for photos in decoded_batches(source, keys, batch_size, report, f"apply {instruction.category}"):
+        seeds = [item_seed(run_id, image_key, instruction.category) for image_key, _ in photos]
+        edited = apply_instruction(loaded, instruction, [img for _, img in photos], config, seeds)
+        for (image_key, _), result in zip(photos, edited, strict=True):
+            out_key = output_key_for(image_key)
+            destination.put_bytes(out_key, encode_png(result), content_type="image/png")
+            report.written.append(out_key)
     report.emit()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("learn")(learn_command)
+    app.command("apply")(apply_command)

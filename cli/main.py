@@ -1,10 +1,11 @@
-"""The `retouch` command: one typer app; each command group lives in its own module under cli/."""
+"""The `retouch` command: one typer app; each command group lives in its own module under cli/ and
+is registered here, explicitly, so a broken module fails loudly at start-up."""
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from cli import dashboard, edit, instruct, models, refresh, review, storage_cmds
 
 app = typer.Typer(
     name="retouch",
@@ -17,14 +18,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Each module registers its commands on `app` when imported. A module that is not written yet is
-# simply absent from the list.
-for _name in ("cli.storage_cmds", "cli.models", "cli.instruct", "cli.edit", "cli.refresh", "cli.review"):
-    try:
-        importlib.import_module(_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != _name:
-            raise
+for _module in (storage_cmds, models, instruct, edit, refresh, review, dashboard):
+    _module.register(app)
 
 
 def main() -> None:

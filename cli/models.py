@@ -14,12 +14,9 @@ from typing import Annotated
 
 import typer
 
-from cli.main import app
-
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_models.py"
 
 
-@app.command("eval-model")
 def eval_model_command(
     model_dir: Annotated[str, typer.Argument(help="Model folder (with edits.json) or s3://bucket/prefix.")],
     photos: Annotated[
@@ -42,7 +39,6 @@ def eval_model_command(
     sys.stdout.flush()
 
 
-@app.command("train-model")
 def train_model_command(
     model: Annotated[str, typer.Argument(help="vae, ip2p, t2i or all (vae first: the UNets reuse it).")],
     seed: Annotated[int, typer.Option(help="Seed for data, init and noise.")] = 0,
@@ -59,3 +55,8 @@ def train_model_command(
     if minutes is not None:
         command += ["--minutes", str(minutes)]
     raise typer.Exit(subprocess.run(command, check=False).returncode)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval-model")(eval_model_command)
+    app.command("train-model")(train_model_command)

@@ -10,8 +10,6 @@ import typer
 import yaml
 from pydantic import ValidationError
 
-from cli.main import app
-
 
 def load_refresh_config(path: Path):
     """A RefreshConfig from YAML or JSON (JSON is YAML); bad fields are refused with their names."""
@@ -20,7 +18,6 @@ def load_refresh_config(path: Path):
     return RefreshConfig.model_validate(yaml.safe_load(path.read_text()) or {})
 
 
-@app.command()
 def refresh(
     config: Annotated[Path, typer.Option("--config", exists=True, dir_okay=False,
                                          help="YAML or JSON file holding a RefreshConfig.")],
@@ -37,7 +34,6 @@ def refresh(
     typer.echo(json.dumps(summary, sort_keys=True, default=str))
 
 
-@app.command()
 def demo(
     output: Annotated[str, typer.Option(help="Folder for the demo store.")] = "demo-output",
     steps: Annotated[int | None, typer.Option(help="Instruction learning steps.")] = None,
@@ -48,3 +44,8 @@ def demo(
 
     argv = ["--output", output] + (["--steps", str(steps)] if steps is not None else [])
     main(argv + (["--model", model] if model else []))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("refresh")(refresh)
+    app.command("demo")(demo)

@@ -24,7 +24,6 @@ from prefect.exceptions import FlowPauseTimeout, NotPausedError
 from prefect.flow_runs import resume_flow_run
 from pydantic import ValidationError
 
-from cli.main import app
 from flows.expire import expire_overdue_reviews
 from storage.run_layout import contact_sheet_key
 from storage.store import open_store
@@ -32,7 +31,6 @@ from tasks.params import ReviewDecision
 from tasks.review import RUN_TAG_PREFIX, pending_rows, run_tag, summarise, verdicts_for
 
 review_app = typer.Typer(help="Human review of a refresh run: list what waits, approve, reject.")
-app.add_typer(review_app, name="review")
 
 
 class ReviewCliError(Exception):
@@ -225,3 +223,7 @@ def expire_cmd(
     typer.echo(f"expired pending items of {len(swept['expired'])} run(s): {', '.join(swept['expired']) or '-'}")
     if swept["still_running"]:
         typer.echo(f"past the deadline but still running (left alone): {', '.join(swept['still_running'])}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(review_app, name="review")

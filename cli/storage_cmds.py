@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from cli.main import app
 from storage.images import ImageError, load_image
 from storage.layout import (
     CATALOGUE_PREFIX,
@@ -24,7 +23,6 @@ from storage.layout import (
 from storage.store import StoreError, open_store
 
 
-@app.command("ls")
 def ls_command(
     uri: Annotated[str, typer.Argument(help="A folder, file:// URI or s3://bucket/prefix.")],
     prefix: Annotated[str, typer.Option(help="Only keys starting with this.")] = "",
@@ -39,7 +37,6 @@ def ls_command(
         raise typer.Exit(2) from None
 
 
-@app.command("validate")
 def validate_command(
     root: Annotated[str, typer.Argument(help="The store root holding exemplars/ and catalogue/.")],
     decode: Annotated[
@@ -102,3 +99,8 @@ def _validate(root: str, decode: bool) -> list[LayoutProblem]:
             except ImageError as exc:
                 problems.append(LayoutProblem(exc.key, exc.code, exc.reason))
     return problems
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ls")(ls_command)
+    app.command("validate")(validate_command)
