@@ -24,9 +24,10 @@ HOST = "127.0.0.1"
 
 
 def streamlit_command(port: int) -> list[str]:
-    """The `streamlit run` command line: loopback, no browser, no usage statistics."""
+    """The `streamlit run` command line: loopback, no browser, no usage statistics, no Deploy button."""
     return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", HOST,
-            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "minimal"]
 
 
 def dashboard(

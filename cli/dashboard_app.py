@@ -52,6 +52,11 @@ def by_night(frame: pd.DataFrame, value: str, columns: str | None = None) -> pd.
     return frame.pivot_table(index="night", columns=columns, values=value, aggfunc="sum")
 
 
+def night_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """Bars per night, labelled by the scheduled minute (a time axis would draw slivers)."""
+    return frame.assign(night=frame["night"].dt.strftime("%Y-%m-%d %H:%M"))
+
+
 def trends(con) -> None:
     st.header("Trends across nights")
     left, right = st.columns(2)
@@ -60,8 +65,8 @@ def trends(con) -> None:
         st.line_chart(by_night(data.run_query(con, "flag_rate_by_category_and_night"), "flag_rate", "category"))
     with right:
         st.subheader("Items per QC status")
-        nights = data.run_query(con, "nights").rename(columns={"scheduled_at": "night"})
-        st.bar_chart(nights.set_index("night")[["qc_pass", "qc_flag", "qc_fail", "qc_error"]])
+        nights = night_labels(data.run_query(con, "nights").rename(columns={"scheduled_at": "night"}))
+        st.bar_chart(nights.set_index("night").sort_index()[["qc_pass", "qc_flag", "qc_fail", "qc_error"]])
     left, right = st.columns(2)
     with left:
         st.subheader("Error codes")
@@ -69,13 +74,13 @@ def trends(con) -> None:
         if errors.empty:
             st.caption("No error rows in any night.")
         else:
-            st.bar_chart(by_night(errors, "items", "error_code"))
+            st.bar_chart(by_night(night_labels(errors), "items", "error_code"))
     with right:
         st.subheader("Throughput (images per second)")
         st.line_chart(by_night(data.run_query(con, "throughput"), "images_per_s"))
 
 
-def night_view(con, run_id: str, night: pd.Series) -> None:
+def night_summary(run_id: str, night: pd.Series) -> None:
     st.header(f"Night {run_id}")
     cols = st.columns(7)
     for col, (label, value) in zip(cols, [("items", night["items"]), ("pass", night["qc_pass"]),
@@ -88,6 +93,9 @@ def night_view(con, run_id: str, night: pd.Series) -> None:
     elif night["flow_run_id"]:
         st.markdown(f"Prefect flow run: `{night['flow_run_id']}`")
 
+
+def night_details(con, run_id: str) -> None:
+    st.header(f"Night {run_id}: QC, errors and flagged items")
     st.subheader("QC by category")
     by_category = data.run_query(con, "night_qc_by_category", run_id=run_id)
     st.dataframe(by_category.drop(columns=["contact_sheet_uri"]), hide_index=True)
@@ -159,8 +167,9 @@ def main() -> None:
         st.cache_resource.clear()
         st.rerun()
     con.register("manifest", manifest(store_uri, run_id))
+    night_summary(run_id, nights.set_index("run_id").loc[run_id])
     trends(con)
-    night_view(con, run_id, nights.set_index("run_id").loc[run_id])
+    night_details(con, run_id)
     review_view(con)
 
 

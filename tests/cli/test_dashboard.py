@@ -52,7 +52,8 @@ def image_captions(app: AppTest) -> list[str]:
 def test_app_shows_trends_the_latest_night_and_its_flagged_items(monkeypatch, local_uri):
     app = render(monkeypatch, local_uri)
     assert app.selectbox[0].options == [NIGHTS[1], NIGHTS[0]]
-    assert [h.value for h in app.header] == ["Trends across nights", f"Night {NIGHTS[1]}",
+    assert [h.value for h in app.header] == [f"Night {NIGHTS[1]}", "Trends across nights",
+                                             f"Night {NIGHTS[1]}: QC, errors and flagged items",
                                              "Review state and latency"]
     assert metrics(app) == {"items": "24", "pass": "18", "flag": "5", "fail": "0", "error": "1",
                             "published": "18", "review": "decided"}
@@ -69,7 +70,7 @@ def test_choosing_the_other_night_shows_its_numbers(monkeypatch, local_uri):
     app = render(monkeypatch, local_uri)
     app.selectbox[0].select(NIGHTS[0]).run()
     assert not app.exception
-    assert app.header[1].value == f"Night {NIGHTS[0]}"
+    assert app.header[0].value == f"Night {NIGHTS[0]}"
     assert metrics(app)["flag"] == "2" and metrics(app)["fail"] == "1"
     assert "Flagged items (3)" in [s.value for s in app.subheader]
     by_category = app.dataframe[0].value.set_index("category")
