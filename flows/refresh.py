@@ -29,6 +29,7 @@ from storage.store import open_store
 from tasks.edit import RESUMABLE, edit_partition
 from tasks.ingest import catalogue_partitions
 from tasks.lease import acquire_run_lease, release_run_lease
+from tasks.monitor import record_run
 from tasks.params import PartitionJob, RefreshConfig
 from tasks.report import report_category, write_run_summary
 from tasks.review import run_tag
@@ -60,6 +61,7 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
         review = review_and_publish(config.output_uri, run_id, config.review)
     summary = run_summary(config, run_id, instructions, edited, reports, review, timings)
     write_run_summary(config.output_uri, run_id, summary)
+    record_run(config.output_uri, run_id, summary, instructions)
     return summary
 
 
