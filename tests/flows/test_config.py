@@ -48,3 +48,32 @@ def test_config_schema_documents_every_field_for_the_ui_form():
     undocumented = [name for name, field in schema["properties"].items()
                     if "description" not in field and "$ref" not in field and "allOf" not in field]
     assert undocumented == []
+
+
+@pytest.mark.parametrize("store_uri", ["", "   "])
+def test_a_store_uri_must_name_a_store_not_the_workers_working_directory(store_uri):
+    with pytest.raises(ValidationError, match="store_uri"):
+        RefreshConfig(store_uri=store_uri)
+
+
+@pytest.mark.parametrize(
+    ("qc", "message"),
+    [
+        ({"fail_ssim_structure": 0.7, "flag_ssim_structure": 0.6}, "fail_ssim_structure"),
+        ({"flag_clipped_fraction": 0.6, "fail_clipped_fraction": 0.5}, "flag_clipped_fraction"),
+        ({"flag_strength_min": 5.0, "flag_strength_max": 3.0}, "flag_strength_min"),
+    ],
+)
+def test_qc_thresholds_that_contradict_each_other_are_refused_when_the_config_is_read(qc, message):
+    with pytest.raises(ValidationError, match=message):
+        RefreshConfig.model_validate({"store_uri": "x", "qc": qc})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_guidance_is_refused_by_the_method_config_too(value):
+    from editing.instruct import ApplyConfig
+
+    with pytest.raises(ValidationError):
+        ApplyConfig(guidance_scale=value)
+    with pytest.raises(ValidationError):
+        RefreshConfig.model_validate({"store_uri": "x", "apply": {"guidance_scale": value}})
