@@ -7,25 +7,39 @@ Photoshop or Resolve, and it is recovered almost exactly from a few pairs.
 
 Fitting is one linear least-squares problem. Each pixel's output is the trilinear blend of its 8
 lattice neighbours (a sparse row of A), so A T = Y over the pairs' pixels, plus two priors over the
-lattice: smoothness of T - identity (squared first differences between neighbouring nodes, i.e. the
-lattice Laplacian in the normal equations) and a weak pull of every node towards identity. Colours
-the pairs never show then blend smoothly from their neighbours and decay to "leave the colour
-alone" far from any data, instead of keeping whatever value the solver started from. Both weights
-are normalised (mean squared error per pixel, mean squared gradient per lattice edge, mean squared
-deviation per node), so the same numbers mean the same thing at every lattice size; that lets a
-coarse lattice's solution seed the fine one (9 -> 17 -> 33), which brings 33^3 x 3 unknowns down to a
-couple of seconds of conjugate gradients instead of ~25 s for a sparse direct solve.
+lattice towards a base map B: smoothness of T - B (squared first differences between neighbouring
+nodes, i.e. the lattice Laplacian in the normal equations) and a weak pull of every node towards B.
+Colours the pairs never show then blend smoothly from their neighbours and settle on B far from any
+data. B is by default the grade's global 3x4 colour matrix, fitted by least squares on the same
+pixels and shrunk towards the identity by a small ridge (so a flat backdrop or unedited pairs give
+the identity); `base="identity"` makes unseen colours decay to "leave the colour alone" instead.
+The weights are normalised (mean squared error per pixel, mean squared gradient per lattice edge,
+mean squared deviation per node), so the same numbers mean the same thing at every lattice size;
+that lets a coarse lattice's solution seed the fine one (9 -> 17 -> 33), which brings 33^3 x 3
+unknowns down to a few seconds of conjugate gradients instead of ~25 s for a sparse direct solve.
 
-Measured on this machine (scratch runs, 2026-11-30; 10 exemplar crops of 256 px from 6 training
-photos, scored by PSNR against the true edit on 4 other training photos, 13 global grades from
-editing/transforms.py and compositions of them):
+Measured on this machine (scratch runs, 2026-11-30; 10 exemplar crops of 256 px from training
+photos, scored by PSNR against the true edit on other training photos, 13 global grades from
+editing/transforms.py and compositions of them; "mean / worst" over the grades):
 
-- Fitting space: on sRGB code values the 17^3 LUT averaged 49.4 dB (worst grade 44.6); on linear
-  light (decode, LUT, encode) 42.2 dB (worst 34.1). A linear-light lattice spends its nodes on the
-  highlights and leaves the shadows two nodes wide, and catalogue grades are defined on code values
-  (as in Lightroom and Resolve). So the LUT maps sRGB code values to sRGB code values, which is also
-  what a .cube applied in Photoshop or ffmpeg's lut3d expects.
-- Prior: see `SMOOTHNESS` / `IDENTITY_PULL` below for the tuned values and the alternatives tried.
+- Fitting space: on sRGB code values the 17^3 LUT scored 49.4 / 44.6 dB; on linear light (decode,
+  LUT, encode) 42.2 / 34.1. A linear-light lattice spends its nodes on the highlights and leaves the
+  shadows two nodes wide, and catalogue grades are defined on code values (as in Lightroom and
+  Resolve). So the LUT maps sRGB code values to sRGB code values, which is also what a .cube
+  applied in Photoshop or ffmpeg's lut3d expects.
+- Base map, 33^3, scored on present / retina / rocket: identity 45.9 / 40.7 dB, affine 54.9 /
+  43.5. On "present" alone (a saturated blue product pack, colours no exemplar crop shows) the
+  identity base left the pack blue under sepia (18.5 dB) and grayscale (19.0); the affine base
+  turns it sepia (36.9) and grey (70.1). It lost 0.5-2.5 dB there on brighten and darken, whose
+  curves a matrix extrapolates less well than "no change".
+- Smoothness / pull, identity base, scored on 4 other training photos: smoothness 1e-5: 46.9 / 40.2,
+  1e-4: 48.4 / 42.4, 3e-4: 47.0 / 40.8, 1e-3: 44.2 / 37.6 (pull 1e-4); pull 1e-3: 44.8 / 37.6, 1e-5:
+  48.9 / 43.4 (smoothness 1e-4). With the affine base: smoothness 3e-5: 54.7 / 43.8, 1e-4: 54.9 /
+  43.5: equal within 0.3 dB, so the values tuned with the identity base stay. The pull's reach is
+  about sqrt(smoothness / (3 pull)) of the cube's side, ~0.6 at 1e-4 / 1e-4 (tested: unseen corners
+  within 0.04 of identity with the identity base).
+  Second differences (a thin-plate prior, 17^3) fitted the linear grades better (grayscale 65 dB)
+  but lost 13 dB on contrast, whose clipping kinks it cannot bend around: first differences it is.
 
 Application: Pillow's native `ImageFilter.Color3DLUT` (fixed-point trilinear in C, releases the GIL)
 for 8-bit images, torch `grid_sample` for float tensors; the two agree within 1/255 (tested).
@@ -46,12 +60,13 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from scipy.sparse.linalg import cg, spsolve
+from scipy.sparse.linalg import spsolve
 from torch import Tensor
 
 LUT_SIZE = 33
 SMOOTHNESS = 1e-4
-IDENTITY_PULL = 1e-4
+BASE_PULL = 1e-4
+_AFFINE_RIDGE = 1e-3
 MAX_PIXELS = 250_000
 # Lattices up to this size are solved directly; larger ones by CG seeded from the next coarser one.
 _DIRECT_SIZE = 9
@@ -114,7 +129,7 @@ def _pixels(image: PairImage) -> np.ndarray:
             image = image[0]
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"a tensor image is (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
-        return image.detach().cpu().double().permute(1, 2, 0).reshape(-1, 3).numpy()
+        return image.detach().cpu().float().numpy().transpose(1, 2, 0).reshape(-1, 3).astype(np.float64)
     raise TypeError(f"a pair image is a PIL image or a tensor, got {type(image).__name__}")
 
 
@@ -139,23 +154,26 @@ def _samples(pairs: Sequence[tuple[PairImage, PairImage]], max_pixels: int, seed
     return np.clip(x[finite], 0.0, 1.0), np.clip(y[finite], 0.0, 1.0)
 
 
-def _interpolation_matrix(x: np.ndarray, size: int) -> sp.csr_matrix:
+def _interpolation_matrix(x: np.ndarray, size: int) -> sp.csr_array:
     """(n, size^3): row i holds the 8 trilinear weights of pixel i on its lattice cell."""
     position = x * (size - 1)
     low = np.clip(np.floor(position), 0, size - 2).astype(np.int64)
     frac = position - low
-    cols, vals = [], []
+    cols = np.empty((len(x), 8), dtype=np.int64)
+    vals = np.empty((len(x), 8))
+    corner = 0
     for dr in (0, 1):
         for dg in (0, 1):
             for db in (0, 1):
-                cols.append((low[:, 0] + dr) * size * size + (low[:, 1] + dg) * size + low[:, 2] + db)
-                vals.append(
+                cols[:, corner] = (low[:, 0] + dr) * size * size + (low[:, 1] + dg) * size + low[:, 2] + db
+                vals[:, corner] = (
                     (frac[:, 0] if dr else 1 - frac[:, 0])
                     * (frac[:, 1] if dg else 1 - frac[:, 1])
                     * (frac[:, 2] if db else 1 - frac[:, 2])
                 )
-    rows = np.tile(np.arange(len(x)), 8)
-    return sp.csr_matrix((np.concatenate(vals), (rows, np.concatenate(cols))), shape=(len(x), size**3))
+                corner += 1
+    indptr = np.arange(0, 8 * len(x) + 1, 8)
+    return sp.csr_array((vals.ravel(), cols.ravel(), indptr), shape=(len(x), size**3))
 
 
 def _smoothness_matrix(size: int) -> sp.csr_matrix:
@@ -167,19 +185,53 @@ def _smoothness_matrix(size: int) -> sp.csr_matrix:
     return sum(d.T @ d for d in axes) * ((size - 1) ** 2 / edges)
 
 
-def _solve_level(x, y, size, smoothness, identity_pull, start):
-    """Minimise mean ‖A t - y‖² + smoothness · mean‖D(t - id)/h‖² + identity_pull · mean‖t - id‖²."""
+def _affine_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The (4, 3) colour matrix [r g b 1] -> rgb fitted by least squares, shrunk towards the identity
+    by a small ridge so that directions the pixels do not span (a flat backdrop) stay unchanged."""
+    design = np.c_[x, np.ones(len(x))]
+    identity = np.r_[np.eye(3), np.zeros((1, 3))]
+    ridge = _AFFINE_RIDGE * np.eye(4)
+    return identity + np.linalg.solve(design.T @ design / len(x) + ridge,
+                                      design.T @ (y - design @ identity) / len(x))
+
+
+def _solve_level(x, y, size, smoothness, base_pull, base, start):
+    """Minimise mean ‖A t - y‖² + smoothness · mean‖D(t - b)/h‖² + base_pull · mean‖t - b‖², with
+    b the base map read at the lattice nodes."""
     a = _interpolation_matrix(x, size)
-    prior = smoothness * _smoothness_matrix(size) + (identity_pull / size**3) * sp.identity(size**3)
-    identity = _identity_nodes(size)
+    prior = smoothness * _smoothness_matrix(size) + (base_pull / size**3) * sp.identity(size**3)
+    nodes = _identity_nodes(size)
+    base_nodes = nodes if base is None else np.c_[nodes, np.ones(len(nodes))] @ base
     matrix = ((a.T @ a) / len(x) + prior).tocsr()
-    rhs = (a.T @ y) / len(x) + prior @ identity
+    rhs = (a.T @ y) / len(x) + prior @ base_nodes
     if start is None:
         return spsolve(matrix.tocsc(), rhs)
-    jacobi = sp.diags_array(1.0 / matrix.diagonal())
-    columns = [cg(matrix, rhs[:, c], x0=start[:, c], rtol=_CG_RTOL, maxiter=10 * size**2, M=jacobi)[0]
-               for c in range(3)]
-    return np.stack(columns, axis=1)
+    return _conjugate_gradients(matrix, rhs, start)
+
+
+def _conjugate_gradients(matrix: sp.csr_array, rhs: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Jacobi-preconditioned CG on the three colour columns at once (one sparse product per step
+    for all three, which is where the time goes), each column stopping at _CG_RTOL on its own."""
+    inverse_diagonal = (1.0 / matrix.diagonal())[:, None]
+    solution = start.copy()
+    residual = rhs - matrix @ solution
+    goal = _CG_RTOL * np.linalg.norm(rhs, axis=0)
+    preconditioned = inverse_diagonal * residual
+    direction = preconditioned.copy()
+    rho = np.einsum("ij,ij->j", residual, preconditioned)
+    for _ in range(10 * len(rhs)):
+        active = np.linalg.norm(residual, axis=0) > goal
+        if not active.any():
+            break
+        product = matrix @ direction
+        alpha = np.where(active, rho / np.maximum(np.einsum("ij,ij->j", direction, product), 1e-300), 0.0)
+        solution += alpha * direction
+        residual -= alpha * product
+        preconditioned = inverse_diagonal * residual
+        rho_next = np.einsum("ij,ij->j", residual, preconditioned)
+        direction = preconditioned + np.where(active, rho_next / np.maximum(rho, 1e-300), 0.0) * direction
+        rho = rho_next
+    return solution
 
 
 def fit_lut(
@@ -187,7 +239,8 @@ def fit_lut(
     size: int = LUT_SIZE,
     *,
     smoothness: float = SMOOTHNESS,
-    identity_pull: float = IDENTITY_PULL,
+    base: str = "affine",
+    base_pull: float = BASE_PULL,
     max_pixels: int = MAX_PIXELS,
     seed: int = 0,
 ) -> Lut:
@@ -198,11 +251,14 @@ def fit_lut(
         raise ValueError("fitting a LUT needs at least one (before, after) pair")
     if size < 2:
         raise ValueError(f"a LUT needs at least 2 nodes per axis, got size={size}")
-    if smoothness < 0 or identity_pull <= 0:
-        raise ValueError("smoothness must be >= 0 and identity_pull > 0 (it keeps unseen colours defined)")
+    if smoothness < 0 or base_pull <= 0:
+        raise ValueError("smoothness must be >= 0 and base_pull > 0 (it keeps unseen colours defined)")
+    if base not in ("affine", "identity"):
+        raise ValueError(f"base must be 'affine' or 'identity', got {base!r}")
     x, y = _samples(pairs, max_pixels, seed)
     if len(x) == 0:
         raise ValueError("the pairs hold no finite pixels")
+    base_map = _affine_map(x, y) if base == "affine" else None
     # 2. coarse to fine: each level's solution, read at the next level's nodes, seeds its solver
     levels = [size]
     while levels[-1] > _DIRECT_SIZE:
@@ -210,7 +266,7 @@ def fit_lut(
     nodes = None
     for level in reversed(levels):
         start = None if nodes is None else _lookup(nodes.reshape(-1), _identity_nodes(level))
-        nodes = _solve_level(x, y, level, smoothness, identity_pull, start).reshape(level, level, level, 3)
+        nodes = _solve_level(x, y, level, smoothness, base_pull, base_map, start).reshape(level, level, level, 3)
     # 3. outputs are code values: keep the table in [0, 1] so every reader clips alike
     table = torch.from_numpy(np.clip(nodes, 0.0, 1.0)).float()
     return Lut(table, _unit_domain())

@@ -87,17 +87,40 @@ def test_large_pairs_are_subsampled_deterministically(train):
     assert (first.table - everything.table).abs().mean() < 0.01
 
 
-def test_colours_the_pairs_never_show_stay_close_to_identity():
-    # Only reds: r in [0.6, 1], g and b in [0, 0.3]. The warm grade is learned there; the blue,
-    # green and white corners of the cube never appear and must be left (nearly) alone.
+def _reds_only() -> torch.Tensor:
+    """r in [0.6, 1], g and b in [0, 0.3]: the blue, green and white corners never appear."""
     rng = np.random.default_rng(0)
-    before = torch.from_numpy(rng.uniform([0.6, 0, 0], [1.0, 0.3, 0.3], (64, 64, 3))).permute(2, 0, 1).float()
-    lut = fit_lut([(before, EDITS["warm"].function(before[None])[0])], size=17)
+    return torch.from_numpy(rng.uniform([0.6, 0, 0], [1.0, 0.3, 0.3], (64, 64, 3))).permute(2, 0, 1).float()
+
+
+FAR_NODES = [(0, 0, 16), (0, 16, 0), (0, 16, 16), (16, 16, 16), (0, 0, 0)]
+
+
+def test_unseen_colours_follow_the_grades_global_colour_matrix():
+    before = _reds_only()  # cool is a pure gain: no clipping inside the data, one colour matrix
+    lut = fit_lut([(before, EDITS["cool"].function(before[None])[0])], size=17)
+    nodes = identity_lut(17).table
+    for node in FAR_NODES:
+        truth = EDITS["cool"].function(nodes[node].view(1, 3, 1, 1)).flatten()
+        assert (lut.table[node] - truth).abs().max() < 0.02, node
+    assert lut.table[16, 2, 2, 0] == pytest.approx(0.84, abs=0.01)  # inside the data
+
+
+def test_unseen_colours_stay_close_to_identity_with_the_identity_base():
+    before = _reds_only()
+    lut = fit_lut([(before, EDITS["warm"].function(before[None])[0])], size=17, base="identity")
     identity = identity_lut(17).table
-    for node in [(0, 0, 16), (0, 16, 0), (0, 16, 16), (16, 16, 16), (0, 0, 0)]:
-        assert (lut.table[node] - identity[node]).abs().max() < 0.04, node  # 0.07 with identity_pull=1e-6
-    red = lut.table[16, 2, 2]  # colour (1, 0.125, 0.125): inside the data, warm keeps red, cuts blue
-    assert red[2] == pytest.approx(0.125 * 0.82, abs=0.01)
+    for node in FAR_NODES:
+        assert (lut.table[node] - identity[node]).abs().max() < 0.04, node  # 0.07 with base_pull=1e-6
+    assert lut.table[16, 2, 2, 2] == pytest.approx(0.125 * 0.82, abs=0.01)
+
+
+def test_unedited_pairs_give_the_identity_even_from_one_flat_colour():
+    flat = torch.full((3, 16, 16), 0.5)
+    photo = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for before in (flat, photo):
+        lut = fit_lut([(before, before.clone())], size=9)
+        assert (lut.table - identity_lut(9).table).abs().max() < 1e-3
 
 
 def test_fit_refuses_bad_pairs():
