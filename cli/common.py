@@ -32,16 +32,31 @@ class BatchReport:
         self.failed.append({"key": key, "reason": reason})
         typer.echo(f"skipped {key}: {reason}", err=True)
 
-    def emit(self) -> None:
-        summary = {
+    def summary(self) -> dict:
+        return {
             "command": self.command,
             "written": len(self.written),
             "failed": len(self.failed),
             "failures": self.failed,
             **self.extra,
         }
-        sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")
+
+    def emit(self) -> None:
+        sys.stdout.write(json.dumps(self.summary(), sort_keys=True) + "\n")
         sys.stdout.flush()
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/dir/name.safetensors` -> (`s3://bucket/dir`, `name.safetensors`)."""
+    root, _, key = uri.rstrip("/").rpartition("/")
+    if not root or root.endswith(":/"):
+        raise typer.BadParameter(f"{uri}: give a folder or a path ending in <name>.safetensors")
+    return root, key
+
+
+def sidecar_key(key: str) -> str:
+    """The JSON metadata next to an instruction's `<name>.safetensors`."""
+    return key.removesuffix(".safetensors") + ".json"
 
 
 def image_keys(store, prefix: str = "") -> Iterator[str]:

@@ -14,12 +14,19 @@ from typing import Annotated
 
 import typer
 
-from cli.common import BatchReport, decoded_batches, image_keys, output_key_for
+from cli.common import BatchReport, decoded_batches, image_keys, output_key_for, sidecar_key, split_uri
 
 
 class Space(str, Enum):
     attention = "attention"
     text = "text"
+
+
+class Route(str, Enum):
+    auto = "auto"
+    lut = "lut"
+    lut_instructbrush = "lut+instructbrush"
+    instructbrush = "instructbrush"
 
 
 class DType(str, Enum):
@@ -28,24 +35,16 @@ class DType(str, Enum):
     float16 = "float16"
 
 
-def _split_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/dir/name.safetensors` -> (`s3://bucket/dir`, `name.safetensors`)."""
-    root, _, key = uri.rstrip("/").rpartition("/")
-    if not root or root.endswith(":/"):
-        raise typer.BadParameter(f"{uri}: give a folder or a path ending in <name>.safetensors")
-    return root, key
-
-
 def _artifact_location(output: str, category: str) -> tuple[str, str]:
     """(store root, key of the .safetensors): a `.safetensors` URI as given, else `<category>.safetensors`
     inside the folder `output`."""
     if output.endswith(".safetensors"):
-        return _split_uri(output)
+        return split_uri(output)
     return output, f"{category}.safetensors"
 
 
-def _sidecar(key: str) -> str:
-    return key.removesuffix(".safetensors") + ".json"
+def _cube(key: str) -> str:
+    return key.removesuffix(".safetensors") + ".cube"
 
 
 def _load_model(model: str | None, device: str, dtype: str = "float32"):
@@ -71,15 +70,26 @@ def learn_command(
         str | None, typer.Option(help="ip2p model folder or s3:// prefix (default: the shipped model).")
     ] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    route: Annotated[
+        Route,
+        typer.Option(help="auto: choose on held-out pairs between the fitted 3D LUT alone, the LUT then a "
+                     "learned instruction, and the learned instruction alone; or force one."),
+    ] = Route.auto,
+    lut_size: Annotated[int, typer.Option(min=2, max=65, help="Lattice points per axis of the 3D LUT.")] = 33,
 ) -> None:
-    """Learn the instruction of one category from its before/after exemplar pairs."""
+    """Learn the instruction of one category from its before/after exemplar pairs.
+
+    Writes <name>.safetensors, its <name>.json sidecar and <name>.cube (the fitted LUT, for Photoshop,
+    Resolve or ffmpeg's lut3d). The last line is JSON with the route and its held-out figures."""
     from editing.instruct import (
         InstructionPair,
         LearnConfig,
-        learn_instruction,
+        RouteConfig,
+        learn_routed,
         pair_sha256,
         save_instruction,
     )
+    from editing.photometric import cube_bytes
     from storage.images import ImageError
     from storage.layout import list_exemplar_pairs, load_pair
     from storage.store import StoreError, open_store
@@ -110,18 +120,23 @@ def learn_command(
     settings = {"space": space.value, "seed": seed, "init_instruction": init_instruction}
     if steps is not None:
         settings["steps"] = steps
-    instruction = learn_instruction(loaded, pairs, LearnConfig(**settings), category=category)
+    instruction = learn_routed(loaded, pairs, LearnConfig(**settings),
+                               RouteConfig(route=route.value, lut_size=lut_size, seed=seed), category=category)
     data, metadata = save_instruction(instruction)
     root, key = _artifact_location(output, category)
     destination = open_store(root)
+    destination.put_bytes(_cube(key), cube_bytes(instruction.lut, title=category), content_type="text/plain")
     destination.put_bytes(key, data, content_type="application/octet-stream")
-    destination.put_bytes(_sidecar(key), json.dumps(metadata, indent=1).encode(), content_type="application/json")
-    report.written.extend([destination.uri_for(key), destination.uri_for(_sidecar(key))])
+    destination.put_bytes(sidecar_key(key), json.dumps(metadata, indent=1).encode(), content_type="application/json")
+    report.written.extend([destination.uri_for(k) for k in (key, sidecar_key(key), _cube(key))])
+    choice = metadata["route_choice"]
     report.extra.update(
         category=category, space=space.value, pairs=len(pairs), instruction=instruction.instruction,
         instruction_sha256=instruction.sha256, model_id=loaded.model_id, model_sha256=loaded.sha256,
-        steps=metadata["steps"], best_loss=metadata["best_loss"], best_step=metadata["best_step"],
-        wall_time_s=metadata["wall_time_s"],
+        route=instruction.route, route_requested=route.value, route_scores=choice["scores"],
+        route_reason=choice["reason"], lut_size=lut_size, lut_fit=metadata["lut_fit"],
+        steps=metadata["steps"], best_loss=metadata.get("best_loss"), best_step=metadata.get("best_step"),
+        wall_time_s=metadata["route_wall_time_s"],
     )
     report.emit()
 
@@ -159,11 +174,12 @@ def apply_command(
     from storage.images import encode_png
     from storage.store import open_store
 
-    root, key = _split_uri(instruction_uri)
+    root, key = split_uri(instruction_uri)
     artifacts = open_store(root)
-    loaded = _load_model(model, device, dtype.value)
+    metadata = json.loads(artifacts.get_bytes(sidecar_key(key)))
+    # The LUT alone never runs the model, so a LUT-route instruction does not wait for it to load.
+    loaded = _load_model(model, device, dtype.value) if metadata.get("route") != "lut" else None
     try:
-        metadata = json.loads(artifacts.get_bytes(_sidecar(key)))
         instruction = load_instruction(artifacts.get_bytes(key), metadata, loaded)
     except (InstructionModelMismatch, InstructionIntegrityError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -177,7 +193,8 @@ def apply_command(
         command="apply",
         extra={
             "category": instruction.category, "instruction_sha256": instruction.sha256,
-            "model_id": loaded.model_id, "model_sha256": loaded.sha256, "dtype": loaded.dtype,
+            "route": instruction.route, "model_id": loaded.model_id if loaded else None,
+            "model_sha256": loaded.sha256 if loaded else None, "dtype": loaded.dtype if loaded else None,
             "run_id": run_id,
         },
     )

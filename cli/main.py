@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import dashboard, edit, instruct, models, refresh, review, storage_cmds
+from cli import dashboard, edit, instruct, models, qc, refresh, review, storage_cmds
 
 app = typer.Typer(
     name="retouch",
@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _module in (storage_cmds, models, instruct, edit, refresh, review, dashboard):
+for _module in (storage_cmds, models, instruct, edit, qc, refresh, review, dashboard):
     _module.register(app)
 
 

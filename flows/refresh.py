@@ -180,4 +180,5 @@ def instruction_note(record: dict | None) -> str:
         return "none: no exemplars"
     if record.get("status") != "ok":
         return f"none: {record['reason']}"
-    return "learned" if record["learned"] else "reused (cache hit)"
+    how = "learned" if record["learned"] else "reused (cache hit)"
+    return f"{how}, route {record.get('route', 'instructbrush')}"

@@ -12,6 +12,8 @@ published/<category>/<image_id><ext>                                what the cat
 publications/<category>/<image_id>.json                             which run published it, and when
 runs/<run_id>/summary.json                                          the run's summary
 runs/run=<run_id>/lease.json                                        the live flow run holding the id
+runs/run=<run_id>/run.parquet                                       the run table row (storage.run_table)
+runs/run=<run_id>/categories.parquet                                the run's per-category rows
 ```
 
 Run ids and partitions become single key segments, so they hold no `/` and no `=` (a Hive-style
@@ -148,6 +150,11 @@ def instruction_keys(category: str, cache_key: str) -> tuple[str, str]:
     """`instructions/<category>/<cache_key>.safetensors` and its `.json` metadata."""
     base = join_key("instructions", category, cache_key)
     return base + ".safetensors", base + ".json"
+
+
+def instruction_cube_key(category: str, cache_key: str) -> str:
+    """`instructions/<category>/<cache_key>.cube`: the instruction's LUT for Photoshop, Resolve, ffmpeg."""
+    return join_key("instructions", category, cache_key) + ".cube"
 
 
 def key_for_uri(store: Store, uri: str) -> str:

@@ -18,6 +18,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from itertools import groupby
 
@@ -28,6 +29,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from editing.instruct import LearnedInstruction, apply_instruction, load_instruction
+from editing.instruct.route import expected_output, qc_thresholds
 from editing.models import LoadedModel
 from editing.quality import assess
 from editing.seeds import item_seed
@@ -112,7 +114,8 @@ def edit_category(job: PartitionJob, category: str, items: list[dict]) -> list[d
         reason = (record or {}).get("reason", f"no exemplars for category {category!r}")
         return bad_rows + [error_row(job, item, "no_instruction", reason) for item in items]
     store, out = open_store(job.store_uri), open_store(job.output_uri)
-    model = cached_model(job.model_uri, job.device, job.apply.dtype)
+    # A LUT-only instruction never runs the model, so its categories do not even load it.
+    model = cached_model(job.model_uri, job.device, job.apply.dtype) if record.get("route") != "lut" else None
     instruction = cached_instruction(out, record, model)
     rows = bad_rows
     # Batch by batch, so a partition of large photos never holds more than one batch in memory.
@@ -122,7 +125,8 @@ def edit_category(job: PartitionJob, category: str, items: list[dict]) -> list[d
             continue
         seeds = [item_seed(job.run_id, item["image_id"], category) for item, _, _ in loaded]
         started = time.monotonic()
-        with model_step(job.model_slot):
+        # The LUT alone needs neither the process's model lock nor a GPU slot.
+        with model_step(job.model_slot) if instruction.learned_stage else nullcontext():
             outputs = apply_each(model, instruction, [img for _, img, _ in loaded], job, seeds)
         model_s = (time.monotonic() - started) / len(loaded)
         for (item, source, load_s), output, seed in zip(loaded, outputs, seeds, strict=True):
@@ -130,7 +134,7 @@ def edit_category(job: PartitionJob, category: str, items: list[dict]) -> list[d
                 rows.append(item_error_row(job, item, output))
                 continue
             try:
-                rows.append(finish_item(job, store, out, model, record, item, source, output, seed,
+                rows.append(finish_item(job, store, out, model, record, instruction, item, source, output, seed,
                                         {"load_s": load_s, "model_s": model_s}))
             except _NOT_ITEM_ERRORS:
                 raise
@@ -166,7 +170,7 @@ def loaded_batches(job: PartitionJob, store: Store, items: list[dict]) -> Iterat
         yield loaded, failed
 
 
-def apply_each(model: LoadedModel, instruction: LearnedInstruction, images: list[Image.Image], job: PartitionJob,
+def apply_each(model: LoadedModel | None, instruction: LearnedInstruction, images: list[Image.Image], job: PartitionJob,
                seeds: list[int]) -> list[Image.Image | Exception]:
     """The batch's outputs; if the batch fails, each image alone, so one bad image costs one row."""
     try:
@@ -198,21 +202,24 @@ def item_error_row(job: PartitionJob, item: dict, exc: Exception) -> dict:
 
 
 def finish_item(
-    job: PartitionJob, store: Store, out: Store, model: LoadedModel, record: dict, item: dict, source: Image.Image,
-    output: Image.Image, seed: int, timings: dict,
+    job: PartitionJob, store: Store, out: Store, model: LoadedModel | None, record: dict,
+    instruction: LearnedInstruction, item: dict, source: Image.Image, output: Image.Image, seed: int, timings: dict,
 ) -> dict:
-    """Write the output, run QC and build the item's manifest row."""
+    """Write the output, run QC (colour against the category's LUT applied to the source) and build the
+    item's manifest row."""
     started = time.monotonic()
     key = output_key(job.run_id, item["category"], job.partition, item["image_id"])
     out.put_bytes(key, encode_png(output), content_type="image/png")
     timings["write_s"] = time.monotonic() - started
     started = time.monotonic()
-    qc = assess(source, output, record["reference_shift"], job.qc.thresholds())
+    qc = assess(source, output, record["reference_shift"], qc_thresholds(instruction, job.qc.thresholds()),
+                expected=expected_output(instruction, source))
     timings["qc_s"] = time.monotonic() - started
     return manifest_row(
-        **_identity(job, item), source_uri=store.uri_for(item["key"]), output_uri=out.uri_for(key),
-        model_id=model.model_id, model_sha256=model.sha256, instruction_id=record["cache_key"],
-        instruction_sha256=record["sha256"], params=_params(job), seed=seed,
+        **_identity(job, item, instruction.route), source_uri=store.uri_for(item["key"]), output_uri=out.uri_for(key),
+        model_id=model.model_id if model else None, model_sha256=model.sha256 if model else None,
+        instruction_id=record["cache_key"], instruction_sha256=record["sha256"],
+        params=_params(job, instruction), seed=seed,
         qc_ssim_structure=_finite(qc.ssim_structure), qc_edit_strength=_finite(qc.edit_strength),
         qc_direction_agreement=_finite(qc.direction_agreement),
         qc_clipped_fraction=_finite(qc.clipped_fraction), qc_figures=_json_safe(qc.figures()),
@@ -232,22 +239,28 @@ def error_row(job: PartitionJob, item: dict, code: str, message: str) -> dict:
                         qc_status="error", error_code=code, error=message)
 
 
-def cached_instruction(out: Store, record: dict, model: LoadedModel) -> LearnedInstruction:
+def cached_instruction(out: Store, record: dict, model: LoadedModel | None) -> LearnedInstruction:
     """The instruction for this model, loaded once per process (partitions share categories)."""
-    key = (record["sha256"], model.sha256)
+    key = (record["sha256"], model.sha256 if model else "")
     if key not in _INSTRUCTIONS:
         metadata = json.loads(out.get_bytes(record["metadata_key"]))
         _INSTRUCTIONS[key] = load_instruction(out.get_bytes(record["weights_key"]), metadata, model)
     return _INSTRUCTIONS[key]
 
 
-def _identity(job: PartitionJob, item: dict) -> dict:
+def _identity(job: PartitionJob, item: dict, route: str | None = None) -> dict:
+    """The row's identity; `method` is the instruction's route (an error row: the category's route
+    when its instruction is known)."""
+    method = route or (job.instructions.get(item["category"]) or {}).get("route") or METHOD
     return {"run_id": job.run_id, "image_id": item["image_id"], "category": item["category"],
-            "partition": job.partition, "method": METHOD, "created_at": datetime.now(UTC)}
+            "partition": job.partition, "method": method, "created_at": datetime.now(UTC)}
 
 
-def _params(job: PartitionJob) -> dict:
-    return {"apply": job.apply.model_dump(), "qc": job.qc.model_dump()}
+def _params(job: PartitionJob, instruction: LearnedInstruction | None = None) -> dict:
+    params = {"apply": job.apply.model_dump(), "qc": job.qc.model_dump()}
+    if instruction is not None and instruction.lut is not None:
+        params["lut_size"] = instruction.lut.size
+    return params
 
 
 def _finite(value: float) -> float | None:

@@ -12,9 +12,10 @@ import json
 
 from prefect import get_run_logger, task
 
-from editing.instruct import InstructionPair, learn_instruction, save_instruction
+from editing.instruct import InstructionPair, learn_routed, save_instruction
+from editing.photometric import cube_bytes
 from storage.layout import ExemplarPair, load_pair
-from storage.run_layout import instruction_keys
+from storage.run_layout import instruction_cube_key, instruction_keys
 from storage.store import open_store
 from tasks.models import cached_model, model_step
 from tasks.params import LearnParams
@@ -45,13 +46,23 @@ def learn_or_reuse(
         pairs = [InstructionPair(p["pair_id"], *load_pair(store, ExemplarPair(category, p["pair_id"], p["before_key"],
                                                                               p["after_key"])), p["sha256"])
                  for p in exemplars["pairs"]]
+        get_run_logger().info("%s: learning from %d pairs (route %s)", category, len(pairs), learn.route)
         with model_step(model_slot):
-            instruction = learn_instruction(model, pairs, learn.for_method(), category=category)
+            instruction = learn_routed(model, pairs, learn.for_method(), learn.for_route(), category=category)
         data, metadata = save_instruction(instruction)
+        # The .cube first and the metadata last: the metadata's presence is what marks the cache entry done.
+        out.put_bytes(instruction_cube_key(category, cache_key), cube_bytes(instruction.lut, title=category),
+                      content_type="text/plain")
         out.put_bytes(weights_key, data, content_type="application/octet-stream")
         out.put_bytes(metadata_key, json.dumps(metadata, sort_keys=True).encode(), content_type="application/json")
-    get_run_logger().info("%s: instruction %s (%s)", category, cache_key[:12], "learned" if learned else "cache hit")
+    metadata = json.loads(out.get_bytes(metadata_key))
+    route = metadata.get("route", "instructbrush")
+    get_run_logger().info("%s: instruction %s, route %s (%s)", category, cache_key[:12], route,
+                          "learned" if learned else "cache hit")
     weights_sha = hashlib.sha256(out.get_bytes(weights_key)).hexdigest()
+    choice = metadata.get("route_choice") or {}
     return {"category": category, "status": "ok", "cache_key": cache_key, "learned": learned,
             "weights_key": weights_key, "metadata_key": metadata_key, "sha256": weights_sha,
+            "cube_key": instruction_cube_key(category, cache_key), "route": route,
+            "route_scores": choice.get("scores", {}), "lut_size": metadata.get("lut_size"),
             "reference_shift": exemplars["reference_shift"], "pairs": len(exemplars["pairs"])}

@@ -10,9 +10,16 @@ from typing import Literal
 from prefect.input import RunInput
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from editing.instruct import ApplyConfig, LearnConfig
+from editing.instruct import ApplyConfig, LearnConfig, RouteConfig
+from editing.instruct.route import RouteName
 from editing.models import DTypeName
-from editing.quality import QCThresholds
+from editing.quality import (
+    FAIL_DELTAE_MEAN,
+    FAIL_DELTAE_P95,
+    FLAG_DELTAE_MEAN,
+    FLAG_DELTAE_P95,
+    QCThresholds,
+)
 
 
 class _Config(BaseModel):
@@ -49,11 +56,22 @@ class LearnParams(_Config):
         description="A category with fewer usable exemplar pairs is reported and not learned; its "
         "catalogue items get error rows.",
     )
+    route: RouteName = Field(
+        "auto", description="auto: choose per category on held-out pairs between the fitted 3D LUT alone, "
+        "the LUT then a learned instruction, and the learned instruction alone; or force one of them.")
+    lut_size: int = Field(33, ge=2, le=65, description="Lattice points per axis of the fitted 3D LUT.")
+    route_margin_db: float = Field(
+        0.5, ge=0, le=20, description="auto: a learned route must beat the LUT alone by this much PSNR on "
+        "the held-out pairs.")
 
     def for_method(self) -> LearnConfig:
         return LearnConfig(steps=self.steps, space=self.space, lr=self.lr, batch_size=self.batch_size,
-                                   time_groups=self.time_groups, seed=self.seed,
-                                   init_instruction=self.init_instruction, progress=False)
+                           time_groups=self.time_groups, seed=self.seed,
+                           init_instruction=self.init_instruction, progress=False)
+
+    def for_route(self) -> RouteConfig:
+        return RouteConfig(route=self.route, lut_size=self.lut_size, margin_db=self.route_margin_db,
+                           seed=self.seed)
 
     def cache_fields(self) -> dict:
         """What the learned result depends on (min_pairs only decides whether to learn at all)."""
@@ -103,6 +121,18 @@ class QCConfig(_Config):
                                          "pixels above which the item fails.")
     fail_output_std: float = Field(0.01, ge=0, le=1, description="Luminance standard deviation below "
                                    "which the output counts as flat (fail).")
+    flag_deltae2000_mean: float = Field(
+        FLAG_DELTAE_MEAN, ge=0, le=100, description="Mean CIEDE2000 between the output and the category's "
+        "LUT applied to the source above which the item is flagged (a cast, a hue shift, another grade).")
+    fail_deltae2000_mean: float = Field(
+        FAIL_DELTAE_MEAN, ge=0, le=100, description="Mean CIEDE2000 against the category's LUT(source) above "
+        "which the item fails.")
+    flag_deltae2000_p95: float = Field(
+        FLAG_DELTAE_P95, ge=0, le=100, description="95th-percentile CIEDE2000 against the category's "
+        "LUT(source) above which the item is flagged (a local cast, e.g. a red face).")
+    fail_deltae2000_p95: float = Field(
+        FAIL_DELTAE_P95, ge=0, le=100, description="95th-percentile CIEDE2000 against the category's "
+        "LUT(source) above which the item fails.")
 
     @model_validator(mode="after")
     def _flag_before_fail(self) -> QCConfig:

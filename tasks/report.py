@@ -38,17 +38,55 @@ def artifact_key(*parts: str) -> str:
     return "-".join("".join(c if c.isalnum() else "-" for c in part.lower()) for part in parts)
 
 
-def contact_sheet(store: Store, out: Store, rows: pd.DataFrame) -> Image.Image:
-    """Before | after thumbnails, one item per line, for a reviewer's first look at a category."""
-    sheet = Image.new("RGB", (2 * THUMB + 12, len(rows) * (THUMB + 18) + 4), "white")
-    draw = ImageDraw.Draw(sheet)
-    for line, row in enumerate(rows.itertuples()):
-        top = line * (THUMB + 18) + 4
-        draw.text((4, top), f"{row.image_id}  QC {row.qc_status}", fill="black")
-        for column, (where, uri) in enumerate(((store, row.source_uri), (out, row.output_uri))):
+def route_caption(category: str, instruction: dict) -> str:
+    """`category: route lut+instructbrush (held out: lut 38.1 dB, ...)`, for sheets and summaries."""
+    route = instruction.get("route") or "instructbrush"
+    scores = instruction.get("route_scores") or {}
+    held = ", ".join(f"{name} {figures['psnr']:.1f} dB / dE {figures['deltae2000_mean']:.1f}"
+                     for name, figures in scores.items())
+    return f"{category}: route {route}" + (f" (held out: {held})" if held else "")
+
+
+def _qc_lines(row) -> list[str]:
+    figures = json.loads(row.qc_figures or "{}")
+    lines = [f"QC {row.qc_status}"]
+    if row.qc_ssim_structure is not None and row.qc_ssim_structure == row.qc_ssim_structure:
+        lines.append(f"SSIM {row.qc_ssim_structure:.2f}")
+    if figures.get("deltae2000_mean") is not None:
+        lines.append(f"dE {figures['deltae2000_mean']:.1f} / p95 {figures.get('deltae2000_p95') or 0:.1f}")
+    lines += [str(reason)[:28] for reason in figures.get("reasons", [])[:2]]
+    return lines
+
+
+def contact_sheet(store: Store, out: Store, rows: pd.DataFrame, title: str) -> Image.Image:
+    """A compact grid for a reviewer's first look at a category: a title (category, route and its
+    held-out figures), then one line per item: before | after | QC figures, each line as tall as its
+    thumbnails."""
+    pad, text_w, header = 4, 150, 14
+    lines = []
+    for row in rows.itertuples():
+        thumbs = []
+        for where, uri in ((store, row.source_uri), (out, row.output_uri)):
             thumb = load_image(where, key_for_uri(where, uri))
             thumb.thumbnail((THUMB, THUMB))
-            sheet.paste(thumb, (4 + column * (THUMB + 4), top + 14))
+            thumbs.append(thumb)
+        lines.append((row, thumbs, max(t.height for t in thumbs)))
+    width = 2 * (THUMB + pad) + text_w + pad
+    height = 2 * header + pad + sum(h + pad + 12 for _, _, h in lines)
+    sheet = Image.new("RGB", (max(width, 6 * len(title) + 2 * pad), height), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 2), title, fill="black")
+    for column, label in enumerate(("before", "after", "QC")):
+        draw.text((pad + column * (THUMB + pad), header + 2), label, fill="dimgray")
+    top = 2 * header + pad
+    for row, thumbs, line_height in lines:
+        draw.text((pad, top), str(row.image_id), fill="black")
+        for column, thumb in enumerate(thumbs):
+            sheet.paste(thumb, (pad + column * (THUMB + pad), top + 12))
+        colour = {"pass": "darkgreen", "flag": "darkorange", "fail": "firebrick"}.get(row.qc_status, "black")
+        for n, text in enumerate(_qc_lines(row)):
+            draw.text((pad + 2 * (THUMB + pad), top + 12 + n * 12), text, fill=colour if n == 0 else "black")
+        top += line_height + pad + 12
     return sheet
 
 
@@ -65,8 +103,8 @@ def report_category(store_uri: str, output_uri: str, run_id: str, category: str,
     sheet_url = sheet_key = None
     if len(edited):
         sheet_key = contact_sheet_key(run_id, category)
-        out.put_bytes(sheet_key, encode_png(contact_sheet(store, out, edited.head(SHEET_ITEMS))),
-                      content_type="image/png")
+        sheet = contact_sheet(store, out, edited.head(SHEET_ITEMS), route_caption(category, instruction))
+        out.put_bytes(sheet_key, encode_png(sheet), content_type="image/png")
         sheet_url = out.presigned_url(sheet_key, expires_s=link_expiry_s)
         create_image_artifact(image_url=sheet_url, key=artifact_key("contact-sheet", category),
                               description=f"{category}: before | after, first {SHEET_ITEMS} items of run {run_id} "
@@ -87,6 +125,7 @@ def category_markdown(category: str, run_id: str, counts: dict, edited: pd.DataF
         f"# {category} (run `{run_id}`)", "",
         f"- instruction: `{instruction.get('cache_key', '-')[:12]}` ({source}, {instruction.get('pairs', 0)} pairs)"
         if instruction.get("status") == "ok" else f"- instruction: none ({instruction.get('reason', 'no exemplars')})",
+        f"- {route_caption(category, instruction)}" if instruction.get("status") == "ok" else "- route: none",
         "- QC: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
         f"- mean SSIM structure {means.iloc[0]:.3f}, edit strength {means.iloc[1]:.2f}, "
         f"direction agreement {means.iloc[2]:.2f}" if len(edited) else "- nothing edited",

@@ -1,6 +1,8 @@
 """InstructBrush: learn one instruction per edit category from exemplar pairs, then apply it.
 
-`learn_instruction` (learn.py) initialises from a phrase bank (init.py), then optimises the
+`learn_routed` (route.py) fits the category's 3D LUT and chooses its route (the LUT alone, the LUT
+then a learned stage, or the learned stage alone) on held-out pairs. `learn_instruction` (learn.py)
+initialises from a phrase bank (init.py), then optimises the
 instruction's keys/values in every cross-attention layer of the frozen InstructPix2Pix UNet (kv.py),
 or its text embedding for the VISII baseline. `apply_instruction` (apply.py) runs batched IP2P dual
 guidance and returns outputs at the input's resolution. `save_instruction` / `load_instruction`
@@ -11,6 +13,7 @@ from editing.instruct.apply import ApplyConfig, apply_instruction, choose_guidan
 from editing.instruct.artifact import (
     ARTIFACT_FORMAT,
     ARTIFACT_VERSION,
+    ROUTES,
     InstructionIntegrityError,
     InstructionModelMismatch,
     LearnedInstruction,
@@ -20,21 +23,27 @@ from editing.instruct.artifact import (
     save_instruction,
 )
 from editing.instruct.learn import InstructionPair, LearnConfig, learn_instruction
+from editing.instruct.route import RouteConfig, choose_route, learn_routed, lut_instruction
 
 __all__ = [
     "ARTIFACT_FORMAT",
     "ARTIFACT_VERSION",
+    "ROUTES",
     "ApplyConfig",
     "InstructionIntegrityError",
     "InstructionModelMismatch",
     "InstructionPair",
     "LearnConfig",
     "LearnedInstruction",
+    "RouteConfig",
     "apply_instruction",
     "choose_guidance",
+    "choose_route",
     "edit_native",
     "learn_instruction",
+    "learn_routed",
     "load_instruction",
+    "lut_instruction",
     "pair_sha256",
     "phrase_instruction",
     "save_instruction",

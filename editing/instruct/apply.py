@@ -18,6 +18,7 @@ from editing.instruct.ops import channels_last, pil_to_tensor, tensor_to_pil, to
 from editing.lift import lift_edit
 from editing.metrics import psnr
 from editing.models import DTypeName, native_resolution
+from editing.photometric import apply_lut
 from editing.seeds import item_seed
 
 
@@ -184,14 +185,23 @@ def apply_instruction(
 ) -> list[Image.Image]:
     """Apply a learned instruction to images of any size; one output per input, same size.
 
-    The instruction's K/V are computed once for all images; images are edited `batch_size` at a
-    time at the model's native size and lifted back to their own resolution by `lift_edit`.
+    The instruction's route decides the stages. Its LUT (routes `lut`, `lut+instructbrush`) applies
+    at each photo's own resolution, exactly; the learned stage (routes `lut+instructbrush`,
+    `instructbrush`) edits the result `batch_size` images at a time at the model's native size, with
+    the instruction's K/V computed once, and `lift_edit` carries that edit back to each photo's
+    resolution. A LUT-only instruction never touches the model (`model` may be None).
     Pass seeds from `editing.seeds.item_seed` for replayable, batch-independent outputs.
     """
     config = config or ApplyConfig()
     seeds = list(seeds) if seeds is not None else [0] * len(images)
     if len(seeds) != len(images):
         raise ValueError(f"got {len(images)} images but {len(seeds)} seeds")
+    if not instruction.applicable:
+        raise ValueError(f"instruction {instruction.category!r} was loaded photometric_only: load it with the model")
+    if instruction.photometric_stage:
+        images = [apply_lut(instruction.lut, image.convert("RGB")) for image in images]
+    if not instruction.learned_stage:
+        return list(images)
     check_model_binding(instruction.metadata, instruction.model_id, instruction.model_sha256, model)
     if model.dtype != config.dtype:
         raise ValueError(

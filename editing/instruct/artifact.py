@@ -19,9 +19,14 @@ from torch import Tensor
 
 from editing.instruct.kv import SPACES, InstructionKV, cross_attention_layers
 from editing.instruct.ops import count_instruction_tokens, encode_text
+from editing.photometric import Lut, lut_from_tensors, lut_tensors
 
 ARTIFACT_FORMAT = "catalogue-retouch/instruction"
 ARTIFACT_VERSION = 1
+# What an instruction does to a photo: its LUT alone, its LUT then its learned stage, or the learned
+# stage alone. Every instruction carries its fitted LUT (QC compares outputs with LUT(source)).
+ROUTES = ("lut", "lut+instructbrush", "instructbrush")
+LUT_PREFIX = "lut."
 
 
 class InstructionModelMismatch(ValueError):
@@ -55,15 +60,34 @@ class LearnedInstruction:
     instruction: str
     num_tokens: int
     num_groups: int
-    context: Tensor
+    context: Tensor | None
     tensors: dict[str, Tensor]
     model_id: str
     model_sha256: str
     metadata: dict = field(default_factory=dict)
     sha256: str = ""
+    route: str = "instructbrush"
+    lut: Lut | None = None
+
+    @property
+    def applicable(self) -> bool:
+        """False for an instruction loaded with `photometric_only` (its learned tensors were left out)."""
+        return not self.learned_stage or self.context is not None
+
+    @property
+    def learned_stage(self) -> bool:
+        """Whether applying it runs the diffusion model (every route but the LUT alone)."""
+        return self.route != "lut"
+
+    @property
+    def photometric_stage(self) -> bool:
+        """Whether applying it starts with its LUT."""
+        return self.route in ("lut", "lut+instructbrush")
 
     def bank(self, pipe) -> InstructionKV:
         """The K/V bank of this instruction on `pipe`'s UNet, frozen for application."""
+        if not self.learned_stage:
+            raise ValueError(f"instruction {self.category!r} has route {self.route!r}: no learned stage")
         null = encode_text(pipe, [""])[0]
         unet = pipe.unet
         dtype = next(unet.parameters()).dtype
@@ -117,9 +141,21 @@ def _content_hash(data: bytes, metadata: dict) -> str:
 def save_instruction(instruction: LearnedInstruction) -> tuple[bytes, dict]:
     """(safetensors bytes, JSON-serialisable metadata); the metadata carries a content hash over
     both, so neither can be altered unnoticed. Also sets `instruction.sha256`."""
-    tensors = {"context": instruction.context, **instruction.tensors}
+    if instruction.route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {instruction.route!r}")
+    if instruction.photometric_stage and instruction.lut is None:
+        raise ValueError(f"route {instruction.route!r} needs a LUT")
+    tensors = dict(instruction.tensors)
+    if instruction.learned_stage:
+        tensors["context"] = instruction.context
+    if instruction.lut is not None:
+        tensors.update(lut_tensors(instruction.lut, LUT_PREFIX))
     data = safetensors.torch.save({k: v.detach().contiguous().float().cpu() for k, v in tensors.items()})
     metadata = copy.deepcopy(instruction.metadata)
+    metadata.update(
+        route=instruction.route,
+        lut_size=int(instruction.lut.size) if instruction.lut is not None else None,
+    )
     metadata.update(
         format=ARTIFACT_FORMAT,
         version=ARTIFACT_VERSION,
@@ -172,8 +208,33 @@ def check_tensors(tensors: dict[str, Tensor], metadata: dict, model) -> None:
             )
 
 
-def load_instruction(data: bytes, metadata: dict, model) -> LearnedInstruction:
-    """Verify the artifact's content hash and its model binding, then rebuild the instruction."""
+def _split_lut(tensors: dict[str, Tensor], metadata: dict) -> Lut | None:
+    """Take the LUT's tensors out of `tensors` and check them against the metadata's LUT size."""
+    names = [k for k in tensors if k.startswith(LUT_PREFIX)]
+    if not names:
+        return None
+    try:
+        lut = lut_from_tensors({k: tensors.pop(k) for k in names}, LUT_PREFIX)
+    except ValueError as exc:
+        raise InstructionIntegrityError(f"instruction LUT unreadable: {exc}") from None
+    if len(names) != 2 or lut.size != metadata.get("lut_size"):
+        raise InstructionIntegrityError(
+            f"instruction LUT is {lut.size}^3 with tensors {sorted(names)}, metadata says lut_size="
+            f"{metadata.get('lut_size')!r}"
+        )
+    return lut
+
+
+def load_instruction(
+    data: bytes, metadata: dict, model=None, *, photometric_only: bool = False
+) -> LearnedInstruction:
+    """Verify the artifact's content hash and its model binding, then rebuild the instruction.
+
+    An instruction whose route is the LUT alone never touches the model, so `model` may be None for
+    it; every other route is checked against the model it is loaded with. `photometric_only` loads
+    the LUT and metadata alone, without the model (for QC, which never runs the learned stage); such
+    an instruction refuses to be applied.
+    """
     if metadata.get("format") != ARTIFACT_FORMAT:
         raise InstructionIntegrityError(
             f"not a {ARTIFACT_FORMAT} artifact (format={metadata.get('format')!r})"
@@ -183,10 +244,23 @@ def load_instruction(data: bytes, metadata: dict, model) -> LearnedInstruction:
             "instruction artifact does not match its content hash: the safetensors bytes or the metadata "
             "were modified or belong to different artifacts"
         )
-    check_model_binding(metadata, metadata["model_id"], metadata["model_sha256"], model)
+    route = metadata.get("route", "instructbrush")
+    if route not in ROUTES:
+        raise InstructionIntegrityError(f"instruction route {route!r} is not one of {ROUTES}")
     tensors = safetensors.torch.load(data)
-    check_tensors(tensors, metadata, model)
-    context = tensors.pop("context")
+    lut = _split_lut(tensors, metadata)
+    if route != "instructbrush" and lut is None:
+        raise InstructionIntegrityError(f"instruction route {route!r} needs a LUT and the artifact has none")
+    if route == "lut" and tensors:
+        raise InstructionIntegrityError(f"a LUT-only instruction has extra tensors: {sorted(tensors)[:5]}")
+    if route == "lut" or photometric_only:
+        context, tensors = None, {}
+    else:
+        if model is None:
+            raise ValueError(f"instruction route {route!r} runs the diffusion model: load it with the model")
+        check_model_binding(metadata, metadata["model_id"], metadata["model_sha256"], model)
+        check_tensors(tensors, metadata, model)
+        context = tensors.pop("context")
     return LearnedInstruction(
         category=metadata["category"],
         space=metadata["space"],
@@ -199,4 +273,6 @@ def load_instruction(data: bytes, metadata: dict, model) -> LearnedInstruction:
         model_sha256=metadata["model_sha256"],
         metadata=metadata,
         sha256=metadata["content_sha256"],
+        route=route,
+        lut=lut,
     )

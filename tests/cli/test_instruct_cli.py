@@ -48,11 +48,12 @@ def test_learn_then_apply_skips_the_corrupt_photo_and_writes_the_rest(tmp_path: 
 
     learned = runner.invoke(app, [
         "learn", str(root), "--category", "warm", "--output", str(tmp_path / "instr"), "--steps", "2",
-        "--init-instruction", "make it warmer", "--model", str(tiny_model),
+        "--init-instruction", "make it warmer", "--model", str(tiny_model), "--route", "instructbrush",
     ])
     assert learned.exit_code == 0, learned.output
     summary = _last_json(learned.stdout)
     assert summary["command"] == "learn" and summary["pairs"] == 3 and summary["failed"] == 1
+    assert summary["route"] == "instructbrush" and summary["route_requested"] == "instructbrush"
     artifact = tmp_path / "instr" / "warm.safetensors"
     assert artifact.exists() and (tmp_path / "instr" / "warm.json").exists()
 
@@ -86,7 +87,7 @@ def test_apply_refuses_an_instruction_learned_on_another_model(tmp_path: Path, t
     runner = CliRunner()
     learned = runner.invoke(app, [
         "learn", str(tmp_path / "root"), "--category", "warm", "--output", str(tmp_path / "w.safetensors"),
-        "--steps", "1", "--init-instruction", "warm", "--model", str(tiny_model),
+        "--steps", "1", "--init-instruction", "warm", "--model", str(tiny_model), "--route", "instructbrush",
     ])
     assert learned.exit_code == 0, learned.output
     other = build_tiny_ip2p(tmp_path / "other-ip2p", seed=1)
@@ -130,3 +131,63 @@ def test_learn_records_the_pair_hashes_the_refresh_ingest_records(tmp_path: Path
     before = root / "exemplars" / "warm" / "p0" / "before.png"
     Image.open(before).save(before, compress_level=0)  # same pixels, other bytes
     assert learned_hashes(tmp_path / "second.safetensors") == by_cli
+
+
+def _warm(image: Image.Image) -> Image.Image:
+    x = np.asarray(image, dtype=float)
+    return Image.fromarray((x * np.array([1.1, 1.0, 0.8])).clip(0, 255).astype(np.uint8))
+
+
+def test_a_lut_route_learns_a_cube_applies_without_the_model_and_qc_grades_it(tmp_path: Path) -> None:
+    """`learn --route lut` writes the .cube next to the artifact; `apply` of a LUT-only instruction needs
+    no model (a model path that does not exist is never opened); `qc` passes the true edit, fails a
+    red cast, one JSON line each, exit 0; a bad argument is one line and exit 2."""
+    import colour
+
+    from editing.photometric import read_cube
+
+    root = tmp_path / "root"
+    for i in range(4):
+        folder = root / "exemplars" / "warm" / f"p{i}"
+        folder.mkdir(parents=True)
+        before = _photo(i, (40, 32))
+        before.save(folder / "before.png")
+        _warm(before).save(folder / "after.png")
+    runner = CliRunner()
+    learned = runner.invoke(app, ["learn", str(root), "--category", "warm", "--output", str(tmp_path / "instr"),
+                                  "--route", "lut", "--lut-size", "9", "--model", "no-such-model-folder"])
+    assert learned.exit_code != 0  # learning loads the model, and there is none at that path
+    learned = runner.invoke(app, ["learn", str(root), "--category", "warm", "--output", str(tmp_path / "instr"),
+                                  "--route", "lut", "--lut-size", "9"])
+    assert learned.exit_code == 0, learned.output
+    summary = _last_json(learned.stdout)
+    assert summary["route"] == "lut" and summary["lut_size"] == 9 and summary["lut_fit"]["psnr"] > 35
+    cube = tmp_path / "instr" / "warm.cube"
+    assert read_cube(cube).size == 9 and isinstance(colour.io.read_LUT(str(cube)), colour.LUT3D)
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    _photo(20, (50, 30)).save(photos / "a.png")
+    _photo(21, (36, 36)).save(photos / "b.png")
+    applied = runner.invoke(app, ["apply", str(tmp_path / "instr" / "warm.safetensors"), str(photos),
+                                  "--output", str(out), "--model", "no-such-model-folder"])
+    assert applied.exit_code == 0, applied.output
+    summary = _last_json(applied.stdout)
+    assert summary["route"] == "lut" and summary["written"] == 2 and summary["model_id"] is None
+    edited = np.asarray(Image.open(out / "a.png"), dtype=float)
+    assert np.abs(edited - np.asarray(_warm(_photo(20, (50, 30))), dtype=float)).mean() < 3
+
+    red = np.asarray(Image.open(out / "b.png"), dtype=float) * np.array([1.3, 0.85, 0.85])
+    Image.fromarray(red.clip(0, 255).astype(np.uint8)).save(out / "b.png")
+    report = tmp_path / "qc.jsonl"
+    checked = runner.invoke(app, ["qc", str(tmp_path / "instr" / "warm.safetensors"), str(photos), str(out),
+                                  "--output", str(report)])
+    assert checked.exit_code == 0, checked.output
+    lines = [json.loads(line) for line in checked.stdout.strip().splitlines() if line.startswith("{")]
+    statuses = {line["image"]: line["status"] for line in lines if "image" in line}
+    assert statuses["a"] == "pass" and statuses["b"] in ("flag", "fail")
+    assert lines[-1]["counts"] == {"pass": 1, statuses["b"]: 1}
+    assert lines[-1] == json.loads(report.read_text().strip().splitlines()[-1])
+
+    bad = runner.invoke(app, ["qc", str(tmp_path / "instr" / "nosuch.safetensors"), str(photos), str(out)])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and bad.output.startswith("error:")

@@ -1,0 +1,198 @@
+"""Learning an instruction with its photometric stage, and choosing its route on held-out pairs.
+
+Most catalogue edits are functions of colour alone, and a 3D LUT fitted from the exemplar pairs
+reproduces them almost exactly, at any resolution, in milliseconds; the diffusion model earns its
+place only on what colour cannot explain (a vignette, local light, blur). So every instruction gets
+the LUT fitted on all its pairs, and one of three routes:
+
+- `lut`: the LUT alone;
+- `lut+instructbrush`: the LUT, then an InstructBrush instruction learned on (LUT(before), after), so
+  the model learns only the residual;
+- `instructbrush`: the learned instruction alone.
+
+`auto` holds `holdout_pairs` pairs back, fits and learns each route on the rest, scores them on the
+held-out pairs (PSNR and mean CIEDE2000 against the retoucher's afters, at full resolution), and keeps
+a learned route only when it beats the LUT alone by `margin_db`; the chosen route is then learned on
+all pairs. The figures go into the instruction's metadata (`route_choice`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from editing.instruct.apply import ApplyConfig, apply_instruction
+from editing.instruct.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, LearnedInstruction
+from editing.instruct.init import Scorer
+from editing.instruct.learn import InstructionPair, LearnConfig, learn_instruction
+from editing.instruct.ops import pil_to_tensor
+from editing.metrics import psnr
+from editing.photometric import LUT_SIZE, Lut, apply_lut, fit_lut
+from editing.quality import QCThresholds, deltae2000, reference_shift
+from editing.seeds import item_seed
+
+RouteName = Literal["auto", "lut", "lut+instructbrush", "instructbrush"]
+LEARNED_ROUTES = ("lut+instructbrush", "instructbrush")
+
+
+class RouteConfig(BaseModel):
+    """How the photometric stage is fitted and the route chosen."""
+
+    route: RouteName = Field(
+        "auto",
+        description="auto: choose on held-out pairs; lut: the fitted 3D LUT alone; lut+instructbrush: "
+        "the LUT, then an instruction learned on what it leaves; instructbrush: the instruction alone",
+    )
+    lut_size: int = Field(LUT_SIZE, ge=2, le=65, description="lattice points per axis of the fitted 3D LUT")
+    holdout_pairs: int = Field(
+        2, ge=1, le=100, description="pairs held back to score the routes (auto); fewer than 2 left to "
+        "learn on: the LUT alone"
+    )
+    margin_db: float = Field(
+        0.5, ge=0, le=20, description="a learned route must beat the LUT alone by this much PSNR (auto)"
+    )
+    seed: int = Field(0, ge=0, description="seeds the held-out split")
+
+
+def score(outputs: Sequence[Image.Image], truths: Sequence[Image.Image]) -> dict[str, float]:
+    """PSNR (dB), mean and 95th-percentile CIEDE2000 of outputs against the retoucher's afters, at
+    full resolution, averaged over the images."""
+    values, means, p95s = [], [], []
+    for output, truth in zip(outputs, truths, strict=True):
+        values.append(psnr(pil_to_tensor(output.convert("RGB")), pil_to_tensor(truth.convert("RGB"))))
+        out = np.asarray(output.convert("RGB"), dtype=np.float64) / 255.0
+        ref = np.asarray(truth.convert("RGB"), dtype=np.float64) / 255.0
+        difference = deltae2000(out, ref)
+        means.append(float(difference.mean()))
+        p95s.append(float(np.percentile(difference, 95)))
+    return {"psnr": round(float(np.mean(values)), 3), "deltae2000_mean": round(float(np.mean(means)), 3),
+            "deltae2000_p95": round(float(np.mean(p95s)), 3)}
+
+
+def lut_instruction(model, lut: Lut, pairs: Sequence[InstructionPair], category: str) -> LearnedInstruction:
+    """An instruction that is its LUT alone: nothing learned, nothing run on the model."""
+    metadata = {
+        "format": ARTIFACT_FORMAT,
+        "version": ARTIFACT_VERSION,
+        "category": category,
+        "pairs": [{"pair_id": p.pair_id, "sha256": p.sha256} for p in pairs],
+        "steps": 0,
+    }
+    return LearnedInstruction(
+        category=category, space="none", instruction="", num_tokens=0, num_groups=0, context=None,
+        tensors={}, model_id=model.model_id, model_sha256=model.sha256, metadata=metadata, route="lut",
+        lut=lut,
+    )
+
+
+def _learn_route(
+    model, pairs: Sequence[InstructionPair], lut: Lut, route: str, config: LearnConfig, category: str,
+    scorer: Scorer | None,
+) -> LearnedInstruction:
+    if route == "lut":
+        return lut_instruction(model, lut, pairs, category)
+    if route == "lut+instructbrush":
+        pairs = [InstructionPair(p.pair_id, apply_lut(lut, p.before.convert("RGB")), p.after, p.sha256)
+                 for p in pairs]
+    learned = learn_instruction(model, pairs, config, category=category, scorer=scorer)
+    learned.route, learned.lut = route, lut
+    return learned
+
+
+def _fit(pairs: Sequence[InstructionPair], size: int) -> Lut:
+    return fit_lut([(p.before.convert("RGB"), p.after.convert("RGB")) for p in pairs], size=size)
+
+
+def choose_route(
+    model, pairs: Sequence[InstructionPair], config: LearnConfig, route_config: RouteConfig, category: str,
+    scorer: Scorer | None = None,
+) -> dict:
+    """Score every route on held-out pairs; returns `{"route", "scores", "held_out", ...}`."""
+    held = route_config.holdout_pairs
+    if len(pairs) - held < 2:
+        return {"route": "lut", "scores": {}, "held_out": [],
+                "reason": f"{len(pairs)} pairs: too few to hold {held} back and learn on the rest; the LUT alone"}
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(route_config.seed)).tolist()
+    held_out = [pairs[i] for i in order[:held]]
+    train = [pairs[i] for i in order[held:]]
+    lut = _fit(train, route_config.lut_size)
+    truths = [p.after for p in held_out]
+    befores = [p.before.convert("RGB") for p in held_out]
+    scores = {"identity": score(befores, truths), "lut": score([apply_lut(lut, b) for b in befores], truths)}
+    apply_config = ApplyConfig(dtype=model.dtype)
+    for route in LEARNED_ROUTES:
+        stage = _learn_route(model, train, lut, route, config, category, scorer)
+        seeds = [item_seed("route", p.pair_id, category) for p in held_out]
+        scores[route] = score(apply_instruction(model, stage, befores, apply_config, seeds), truths)
+    best = max(LEARNED_ROUTES, key=lambda r: scores[r]["psnr"])
+    gain = scores[best]["psnr"] - scores["lut"]["psnr"]
+    chosen = best if gain >= route_config.margin_db else "lut"
+    return {
+        "route": chosen, "scores": scores, "held_out": [p.pair_id for p in held_out],
+        "reason": f"best learned route {best} {gain:+.2f} dB over the LUT alone (margin {route_config.margin_db} dB)",
+    }
+
+
+def learn_routed(
+    model,
+    pairs: Sequence[InstructionPair],
+    config: LearnConfig | None = None,
+    route_config: RouteConfig | None = None,
+    category: str = "",
+    scorer: Scorer | None = None,
+) -> LearnedInstruction:
+    """Fit the category's LUT, choose its route (or take the one given) and learn that route on all
+    pairs. The instruction always carries the LUT fitted on all pairs; `metadata["route_choice"]`
+    holds the held-out figures per route when the route was chosen automatically."""
+    # 1. check inputs
+    config = config or LearnConfig()
+    route_config = route_config or RouteConfig()
+    if not pairs:
+        raise ValueError("learn_routed needs at least one exemplar pair")
+    started = time.perf_counter()
+    # 2. the route: given, or chosen on held-out pairs
+    choice = {"route": route_config.route, "scores": {}, "held_out": [], "reason": "given"}
+    if route_config.route == "auto":
+        choice = choose_route(model, pairs, config, route_config, category, scorer)
+    # 3. the photometric stage on all pairs, then the chosen route on all pairs
+    lut = _fit(pairs, route_config.lut_size)
+    instruction = _learn_route(model, pairs, lut, choice["route"], config, category, scorer)
+    # 4. what QC compares with: the exemplars' colour shift, and what the LUT leaves on them (the colour
+    #    difference a learned stage is expected to add)
+    residual = score([apply_lut(lut, p.before.convert("RGB")) for p in pairs], [p.after for p in pairs])
+    instruction.metadata.update(
+        reference_shift=reference_shift([(p.before, p.after) for p in pairs]),
+        route_choice={**choice, "requested": route_config.route},
+        route_config=route_config.model_dump(mode="json"),
+        lut_fit=residual,
+        route_wall_time_s=round(time.perf_counter() - started, 3),
+    )
+    return instruction
+
+
+def expected_output(instruction: LearnedInstruction, source: Image.Image) -> Image.Image | None:
+    """What the instruction's colour edit makes of `source` (its LUT applied), for the colour QC."""
+    return apply_lut(instruction.lut, source.convert("RGB")) if instruction.lut is not None else None
+
+
+def qc_thresholds(instruction: LearnedInstruction, base: QCThresholds) -> QCThresholds:
+    """`base` with the colour limits widened by what the LUT leaves on the exemplars, for routes
+    with a learned stage: a vignette learned on top of the LUT moves every output away from
+    LUT(source) by about as much as the retoucher's afters differ from LUT(before), and that is
+    the edit, not a cast. The LUT alone reproduces LUT(source) and gets no allowance."""
+    fit = instruction.metadata.get("lut_fit") or {}
+    if not instruction.learned_stage or not fit:
+        return base
+    mean, p95 = float(fit.get("deltae2000_mean", 0.0)), float(fit.get("deltae2000_p95", 0.0))
+    return dataclasses.replace(
+        base,
+        flag_deltae2000_mean=base.flag_deltae2000_mean + mean, fail_deltae2000_mean=base.fail_deltae2000_mean + mean,
+        flag_deltae2000_p95=base.flag_deltae2000_p95 + p95, fail_deltae2000_p95=base.fail_deltae2000_p95 + p95,
+    )
