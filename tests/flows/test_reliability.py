@@ -290,7 +290,7 @@ def _assert_tampered_instructions_refused(store, tiny_model: str, tmp_path: Path
             load_instruction(bytes(tampered), metadata, model)
     tensors = safetensors.torch.load(data)
     name = next(n for n in tensors if n != "context")
-    for changed in ({**tensors, "extra": tensors[name]}, {**tensors, name: tensors[name][..., :1].contiguous()}):
+    for changed in ({**tensors, "extra": tensors[name].clone()}, {**tensors, name: tensors[name][..., :1].clone()}):
         rehashed = safetensors.torch.save(changed)
         with pytest.raises(InstructionIntegrityError, match="model"):
             load_instruction(rehashed, {**metadata, "content_sha256": _content_hash(rehashed, metadata)}, model)
