@@ -3,20 +3,61 @@ decode them in batches, report bad inputs and go on, end with one JSON line."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import typer
 from PIL import Image
+from pydantic import ValidationError
 
 from storage.images import ImageError, decode_image
 from storage.store import Store, StoreError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A failure the user fixes (a path, a flag, a credential): one `error:` line, exit 2, no traceback."""
+
+
+# Failures whose message already names the cause; anything else is a bug and keeps its traceback.
+USER_FACING_ERRORS: tuple[type[BaseException], ...] = (UserError, StoreError, ImageError, ValidationError)
+
+
+class _Settings:
+    debug = False  # set by the app callback (`retouch --debug ...`): tracebacks instead of one line
+
+
+settings = _Settings()
+
+
+def user_errors(command: Callable) -> Callable:
+    """Wrap a command: a user-facing failure becomes one `error: ...` line on stderr and exit 2
+    (`--debug` re-raises it with its traceback). functools.wraps keeps the signature typer reads."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_FACING_ERRORS as exc:
+            if settings.debug:
+                raise
+            message = str(exc).strip() or type(exc).__name__
+            if isinstance(exc, ValidationError):
+                message = f"invalid {exc.title}: " + "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+                )
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(USER_ERROR_EXIT) from None
+
+    return wrapper
 
 
 @dataclass
