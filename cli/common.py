@@ -7,6 +7,7 @@ import functools
 import json
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -16,7 +17,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from storage.images import ImageError, decode_image
-from storage.store import Store, StoreError
+from storage.store import LocalStore, Store, StoreError, open_store
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -98,6 +99,96 @@ def split_uri(uri: str) -> tuple[str, str]:
 def sidecar_key(key: str) -> str:
     """The JSON metadata next to an instruction's `<name>.safetensors`."""
     return key.removesuffix(".safetensors") + ".json"
+
+
+def missing_reason(store: Store, uri: str) -> str:
+    """Why nothing was found under `uri`: a local folder that does not exist says so."""
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        return f"{uri} does not exist"
+    return f"nothing under {uri}"
+
+
+def resolve_instruction(uri: str, category: str | None = None) -> tuple[Store, str]:
+    """(store, key of the .safetensors) for what the user typed: `<name>.safetensors`, its `<name>.json`
+    sidecar, or the folder `learn --output DIR` wrote (its one instruction, or `<category>.safetensors`).
+    Both files are checked here, so a typo fails before any model loads."""
+    if uri.endswith((".safetensors", ".json")):
+        root, name = split_uri(uri)
+        key = name.removesuffix(".json") + ".safetensors" if name.endswith(".json") else name
+        if category is not None and key != f"{category}.safetensors":
+            raise UserError(f"--category {category} disagrees with the instruction {uri}")
+        store = open_store(root)
+        shown = uri
+    else:
+        store = open_store(uri)
+        if category is not None:
+            key = f"{category}.safetensors"
+        else:
+            found = [k for k in store.list() if "/" not in k and k.endswith(".safetensors")]
+            if not found:
+                raise UserError(f"no instruction (<name>.safetensors) in {uri}: {missing_reason(store, uri)}"
+                                if not any(True for _ in store.list()) else
+                                f"no instruction (<name>.safetensors) in {uri}")
+            if len(found) > 1:
+                raise UserError(f"several instructions in {uri} ({', '.join(found)}): choose one with --category")
+            key = found[0]
+        shown = f"{uri.rstrip('/')}/{key}"
+    if not store.exists(key):
+        raise UserError(f"instruction {shown} not found")
+    if not store.exists(sidecar_key(key)):
+        raise UserError(f"instruction {shown} has no {sidecar_key(key)} sidecar next to it (learn writes both)")
+    return store, key
+
+
+WRITE_PROBE_KEY = ".retouch-write-probe"
+
+
+def check_writable(store: Store, uri: str) -> None:
+    """Write and delete a probe object, so a missing permission fails before minutes of work."""
+    try:
+        store.put_bytes(WRITE_PROBE_KEY, b"")
+        store.delete(WRITE_PROBE_KEY)
+    except (StoreError, OSError) as exc:
+        raise UserError(f"output {uri} is not writable: {exc}") from exc
+
+
+def check_output_folder(output: str, images_uri: str) -> Store:
+    """The output of a batch command: a writable folder, not a file name, not the input itself or a
+    folder inside it (a re-run would take the edited PNGs for photos)."""
+    if output.endswith((".safetensors", ".json", *IMAGE_SUFFIXES)):
+        raise UserError(f"--output {output}: give a folder or s3:// prefix for the edited PNGs, not a file")
+    destination, source = open_store(output), open_store(images_uri)
+    out_uri, in_uri = destination.uri.rstrip("/") + "/", source.uri.rstrip("/") + "/"
+    if out_uri.startswith(in_uri):
+        raise UserError(f"--output {output} is inside the input {images_uri}: choose a folder outside it")
+    local = destination.root if isinstance(destination, LocalStore) else None
+    if local is not None and local.exists() and not local.is_dir():
+        raise UserError(f"--output {output} is a file: give a folder")
+    check_writable(destination, output)
+    return destination
+
+
+def input_images(uri: str) -> tuple[Store, list[str]]:
+    """The photos under `uri` (sorted), refused when there are none: a typo must not pass as 0 written."""
+    store = open_store(uri)
+    keys = list(image_keys(store))
+    if not keys:
+        raise UserError(f"no images under {uri}" if any(True for _ in store.list()) else
+                        f"no images: {missing_reason(store, uri)}")
+    return store, keys
+
+
+def planned_outputs(keys: list[str]) -> dict[str, str]:
+    """input key -> output key. Outputs are flat (`a/b/photo.jpg` -> `photo.png`), so inputs sharing a
+    stem would overwrite each other: refused, naming them, before any work."""
+    by_output: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        by_output[output_key_for(key)].append(key)
+    clashes = [f"{out} <- {', '.join(ins)}" for out, ins in by_output.items() if len(ins) > 1]
+    if clashes:
+        raise UserError("photos with the same name would overwrite each other's output (outputs are one "
+                        "folder, <stem>.png): " + "; ".join(clashes))
+    return {key: output_key_for(key) for key in keys}
 
 
 def image_keys(store, prefix: str = "") -> Iterator[str]:

@@ -14,7 +14,7 @@ from typing import Annotated
 import torch
 import typer
 
-from cli.common import BatchReport, decoded_batches, image_keys, output_key_for
+from cli.common import BatchReport, check_output_folder, decoded_batches, input_images, planned_outputs
 
 
 class Method(str, Enum):
@@ -85,7 +85,6 @@ def edit_command(
     from editing.seeds import item_seed
     from storage.images import encode_png
     from storage.model_cache import materialise_model
-    from storage.store import open_store
 
     if method is not Method.fpe and not source_prompt:
         raise typer.BadParameter(f"{method.value} inverts with the source prompt; give --source-prompt")
@@ -93,7 +92,9 @@ def edit_command(
     if inversion_iterations is None:  # the method's own default, recorded in the summary
         inversion_iterations = inspect.signature(edit).parameters["inversion_iterations"].default
     kwargs = {**_method_kwargs(method, w_inv, w_src, w_tgt), "inversion_iterations": inversion_iterations}
-    source, destination = open_store(images_uri), open_store(output)
+    source, keys = input_images(images_uri)  # checked before the model loads
+    outputs = planned_outputs(keys)
+    destination = check_output_folder(output, images_uri)
     loaded = load_model(materialise_model(model) if model else None, kind="t2i", device=device)
     resolution = native_resolution(loaded.pipe, loaded.spec)
     report = BatchReport(
@@ -111,7 +112,6 @@ def edit_command(
             },
         },
     )
-    keys = list(image_keys(source))
     for decoded in decoded_batches(source, keys, batch_size, report, f"edit {method.value}"):
         photos = [(key, pil_to_tensor(image)) for key, image in decoded]
         small = torch.cat([to_native(full[None], resolution) for _, full in photos])
@@ -131,7 +131,7 @@ def edit_command(
         )
         for (key, full), source_small, edited_small in zip(photos, small, result.images, strict=True):
             lifted = lift_edit(full, source_small, edited_small.to(full))
-            out_key = output_key_for(key)
+            out_key = outputs[key]
             destination.put_bytes(out_key, encode_png(tensor_to_pil(lifted)), content_type="image/png")
             report.written.append(out_key)
     report.emit()

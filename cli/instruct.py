@@ -14,7 +14,19 @@ from typing import Annotated
 
 import typer
 
-from cli.common import BatchReport, decoded_batches, image_keys, output_key_for, sidecar_key, split_uri
+from cli.common import (
+    BatchReport,
+    UserError,
+    check_output_folder,
+    check_writable,
+    decoded_batches,
+    input_images,
+    missing_reason,
+    planned_outputs,
+    resolve_instruction,
+    sidecar_key,
+    split_uri,
+)
 
 
 class Space(str, Enum):
@@ -91,10 +103,22 @@ def learn_command(
     )
     from editing.photometric import cube_bytes
     from storage.images import ImageError
-    from storage.layout import list_exemplar_pairs, load_pair
+    from storage.layout import list_categories, list_exemplar_pairs, load_pair
     from storage.store import StoreError, open_store
 
+    # 1. check the root, the category and the output before anything slow
     store = open_store(root_uri)
+    categories = list_categories(store)
+    if category not in categories:
+        if not any(True for _ in store.list()):
+            raise UserError(f"root {missing_reason(store, root_uri)}")
+        raise UserError(f"no category {category!r} under {root_uri} (exemplars/<category>/); categories: "
+                        + (", ".join(categories) or "none"))
+    root, key = _artifact_location(output, category)
+    destination = open_store(root)
+    check_writable(destination, output)
+    # 2. load the exemplar pairs; a broken pair is reported and the rest goes on
+    typer.echo(f"learn {category}: loading exemplar pairs", err=True)
     listed, problems = list_exemplar_pairs(store, category)
     report = BatchReport(command="learn")
     for problem in problems:
@@ -114,17 +138,19 @@ def learn_command(
         report.extra["error"] = f"no usable exemplar pairs for category {category!r}"
         report.emit()
         raise typer.Exit(code=1)
-    typer.echo(f"learn {category}: {len(pairs)} pairs", err=True)
+    typer.echo(f"learn {category}: {len(pairs)} pairs; loading the model", err=True)
 
+    # 3. learn: fit the LUT, learn the instruction, choose the route on held-out pairs
     loaded = _load_model(model, device)
+    typer.echo(f"learn {category}: model {loaded.model_id} loaded; learning (route {route.value})", err=True)
     settings = {"space": space.value, "seed": seed, "init_instruction": init_instruction}
     if steps is not None:
         settings["steps"] = steps
     instruction = learn_routed(loaded, pairs, LearnConfig(**settings),
                                RouteConfig(route=route.value, lut_size=lut_size, seed=seed), category=category)
+    # 4. save the instruction, its sidecar and the .cube
+    typer.echo(f"learn {category}: route {instruction.route} chosen; saving to {output}", err=True)
     data, metadata = save_instruction(instruction)
-    root, key = _artifact_location(output, category)
-    destination = open_store(root)
     destination.put_bytes(_cube(key), cube_bytes(instruction.lut, title=category), content_type="text/plain")
     destination.put_bytes(key, data, content_type="application/octet-stream")
     destination.put_bytes(sidecar_key(key), json.dumps(metadata, indent=1).encode(), content_type="application/json")
@@ -142,10 +168,17 @@ def learn_command(
 
 
 def apply_command(
-    instruction_uri: Annotated[str, typer.Argument(help="<name>.safetensors of a learned instruction.")],
+    instruction_uri: Annotated[
+        str,
+        typer.Argument(help="<name>.safetensors of a learned instruction, its <name>.json, or the folder "
+                       "`learn --output` wrote (its one instruction, or --category)."),
+    ],
     images_uri: Annotated[str, typer.Argument(help="Folder or s3:// prefix of photos.")],
     output: Annotated[str, typer.Option(help="Folder or s3:// prefix for the edited PNGs.")],
     run_id: Annotated[str, typer.Option(help="Run id; each photo's seed derives from (run, photo, category).")] = "apply",
+    category: Annotated[
+        str | None, typer.Option(help="Which instruction of an INSTRUCTION_URI folder (<category>.safetensors).")
+    ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="Text guidance (default: the model's).")] = None,
     image_guidance_scale: Annotated[float | None, typer.Option(help="Image guidance (default: the model's).")] = None,
@@ -172,11 +205,14 @@ def apply_command(
     )
     from editing.seeds import item_seed
     from storage.images import encode_png
-    from storage.store import open_store
 
-    root, key = split_uri(instruction_uri)
-    artifacts = open_store(root)
+    # 1. check every input and the output before the model loads (a typo costs seconds, not minutes)
+    artifacts, key = resolve_instruction(instruction_uri, category)
     metadata = json.loads(artifacts.get_bytes(sidecar_key(key)))
+    source, keys = input_images(images_uri)
+    outputs = planned_outputs(keys)
+    destination = check_output_folder(output, images_uri)
+    # 2. load the model and the instruction
     # The LUT alone never runs the model, so a LUT-route instruction does not wait for it to load.
     loaded = _load_model(model, device, dtype.value) if metadata.get("route") != "lut" else None
     try:
@@ -188,7 +224,6 @@ def apply_command(
         num_inference_steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
         batch_size=batch_size, dtype=dtype.value,
     )
-    source, destination = open_store(images_uri), open_store(output)
     report = BatchReport(
         command="apply",
         extra={
@@ -198,12 +233,12 @@ def apply_command(
             "run_id": run_id,
         },
     )
-    keys = list(image_keys(source))
+    # 3. edit batch by batch; a photo that fails is reported and the rest goes on
     for photos in decoded_batches(source, keys, batch_size, report, f"apply {instruction.category}"):
         seeds = [item_seed(run_id, image_key, instruction.category) for image_key, _ in photos]
         edited = apply_instruction(loaded, instruction, [img for _, img in photos], config, seeds)
         for (image_key, _), result in zip(photos, edited, strict=True):
-            out_key = output_key_for(image_key)
+            out_key = outputs[image_key]
             destination.put_bytes(out_key, encode_png(result), content_type="image/png")
             report.written.append(out_key)
     report.emit()

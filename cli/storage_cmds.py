@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from cli.common import missing_reason
 from storage.images import ImageError, load_image
 from storage.layout import (
     CATALOGUE_PREFIX,
@@ -28,13 +29,18 @@ def ls_command(
     prefix: Annotated[str, typer.Option(help="Only keys starting with this.")] = "",
     long: Annotated[bool, typer.Option("--long", "-l", help="Also print size and ETag.")] = False,
 ) -> None:
-    """List the keys under a store root, sorted."""
-    try:
-        for info in open_store(uri).list_objects(prefix):
-            typer.echo(f"{info.size:>12}  {info.etag:<34}  {info.key}" if long else info.key)
-    except StoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    """List the keys under a store root, sorted; nothing there is a warning and exit 1 (a typo, usually).
+
+    Example: retouch ls s3://bucket/shop --prefix exemplars/ -l"""
+    store = open_store(uri)
+    listed = 0
+    for info in store.list_objects(prefix):
+        listed += 1
+        typer.echo(f"{info.size:>12}  {info.etag:<34}  {info.key}" if long else info.key)
+    if not listed:
+        where = f"{uri} (prefix {prefix!r})" if prefix else uri
+        typer.echo(f"warning: {missing_reason(store, where)}", err=True)
+        raise typer.Exit(1)
 
 
 def validate_command(

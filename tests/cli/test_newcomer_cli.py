@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
+from tests.tiny_models import build_tiny_ip2p
 
 runner = CliRunner()
 
@@ -37,3 +42,129 @@ def test_short_help_and_version() -> None:
     version = runner.invoke(app, ["--version"])
     assert version.exit_code == 0 and version.stdout.startswith("retouch ")
 
+
+
+# -- inputs and outputs checked before any model loads ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_ip2p(tmp_path_factory.mktemp("models") / "tiny-ip2p")
+
+
+def _photo(seed: int, size: tuple[int, int] = (24, 20)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _shop(root: Path, categories: tuple[str, ...] = ("warm",)) -> Path:
+    for category in categories:
+        for i in range(2):
+            folder = root / "exemplars" / category / f"p{i}"
+            folder.mkdir(parents=True)
+            before = _photo(i)
+            before.save(folder / "before.png")
+            after = np.asarray(before).astype(float) * np.array([1.1, 1.0, 0.8])
+            Image.fromarray(after.clip(0, 255).astype(np.uint8)).save(folder / "after.png")
+    return root
+
+
+def _learn(root: Path, output: Path, model: Path, category: str = "warm"):
+    return runner.invoke(app, ["learn", str(root), "--category", category, "--output", str(output),
+                               "--steps", "0", "--model", str(model), "--route", "lut"])
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A folder holding warm.safetensors, as `learn --output DIR` writes it (LUT route: no model at apply)."""
+    base = tmp_path_factory.mktemp("learned")
+    result = _learn(_shop(base / "shop"), base / "instr", tiny_model)
+    assert result.exit_code == 0, result.output
+    return base / "instr"
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model is a test failure: these checks must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("cli.instruct._load_model", refuse)
+
+
+def _photos(folder: Path, names: tuple[str, ...]) -> Path:
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        _photo(10 + i).save(folder / name)
+    return folder
+
+
+def _apply(instruction: str, images: Path, output: Path, *extra: str):
+    return runner.invoke(app, ["apply", instruction, str(images), "--output", str(output), *extra])
+
+
+def test_apply_names_the_instruction_typed_when_it_is_missing(tmp_path: Path, learned: Path, no_model) -> None:
+    photos = _photos(tmp_path / "photos", ("a.png",))
+    typed = f"{learned}/nosuch.safetensors"
+    result = _apply(typed, photos, tmp_path / "out")
+    assert result.exit_code == 2
+    assert _error_lines(result) == [f"error: instruction {typed} not found"]
+
+
+def test_apply_takes_the_learn_output_folder_the_sidecar_or_a_category(tmp_path: Path, learned: Path) -> None:
+    photos = _photos(tmp_path / "photos", ("a.png", "b.jpg"))
+    for n, (instruction, extra) in enumerate([
+        (str(learned), ()), (str(learned / "warm.json"), ()), (str(learned), ("--category", "warm")),
+    ]):
+        result = _apply(instruction, photos, tmp_path / f"out{n}", *extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout.splitlines()[-1])["written"] == 2
+        assert sorted(p.name for p in (tmp_path / f"out{n}").iterdir()) == ["a.png", "b.png"]
+    result = _apply(str(learned), photos, tmp_path / "out9", "--category", "cold")
+    assert result.exit_code == 2 and f"instruction {learned}/cold.safetensors not found" in result.stderr
+
+
+def test_apply_refuses_clashing_stems_naming_them(tmp_path: Path, learned: Path, no_model) -> None:
+    photos = _photos(tmp_path / "photos", ("a/item.jpg", "b/item.jpg", "item.png", "other.png"))
+    result = _apply(str(learned), photos, tmp_path / "out")
+    assert result.exit_code == 2
+    assert "item.png <- a/item.jpg, b/item.jpg, item.png" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_apply_refuses_a_bad_output_before_the_work(tmp_path: Path, learned: Path, no_model) -> None:
+    photos = _photos(tmp_path / "photos", ("a.png",))
+    (tmp_path / "file").write_text("x")
+    for output, says in [
+        (tmp_path / "x.safetensors", "not a file"),
+        (photos / "edited", "inside the input"),
+        (tmp_path / "file", "is a file"),
+        (tmp_path / "file" / "sub", "not writable"),
+    ]:
+        result = _apply(str(learned), photos, output)
+        assert result.exit_code == 2, (output, result.output)
+        assert len(_error_lines(result)) == 1 and says in result.stderr, result.stderr
+
+
+def test_a_missing_or_empty_input_is_not_a_silent_success(tmp_path: Path, learned: Path, no_model) -> None:
+    result = _apply(str(learned), tmp_path / "nosuch", tmp_path / "out")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = _apply(str(learned), tmp_path / "empty", tmp_path / "out")
+    assert result.exit_code == 2 and "no images" in result.stderr
+    listed = runner.invoke(app, ["ls", str(tmp_path / "nonexistent")])
+    assert listed.exit_code == 1 and "warning:" in listed.stderr and "does not exist" in listed.stderr
+
+
+def test_learn_checks_root_category_and_output_before_the_model(tmp_path: Path, no_model) -> None:
+    root = _shop(tmp_path / "shop", ("warm", "cold"))
+    result = runner.invoke(app, ["learn", str(tmp_path / "nosuch"), "--category", "warm", "--output",
+                                 str(tmp_path / "o")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    result = runner.invoke(app, ["learn", str(root), "--category", "nosuch", "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "categories: cold, warm" in result.stderr
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["learn", str(root), "--category", "warm", "--output",
+                                 str(tmp_path / "file" / "out")])
+    assert result.exit_code == 2 and "not writable" in result.stderr
