@@ -178,3 +178,22 @@ def test_colour_figures_are_json_ready_and_expected_may_be_an_array(warm_referen
 def test_thresholds_refuse_a_flag_beyond_its_fail(low, high):
     with pytest.raises(ValueError, match=low):
         quality.QCThresholds(**{low: 0.9, high: 0.5})
+
+
+def test_clipping_the_expected_edit_does_itself_is_not_an_artefact():
+    from editing.photometric import apply_lut, fit_lut
+
+    pairs = [(Image.fromarray(load_photo(n)), _edit(load_photo(n), "increase_contrast")) for n in ("astronaut", "china")]
+    reference = quality.reference_shift(pairs)
+    rocket = load_photo("rocket")
+    source, true = Image.fromarray(rocket), _edit(rocket, "increase_contrast")
+    expected = apply_lut(fit_lut(pairs, size=17), source)
+    blind = quality.assess(source, true, reference)
+    assert blind.clipped_fraction > quality.QCThresholds().flag_clipped_fraction  # the grade clips a lot
+    seeing = quality.assess(source, true, reference, expected=expected)
+    assert seeing.status == "pass", seeing.reasons
+    assert seeing.clipped_fraction < 0.1
+    over = Image.fromarray((np.asarray(true, dtype=np.float64) * 1.8).clip(0, 255).astype(np.uint8))
+    over_result = quality.assess(source, over, reference, expected=expected)
+    assert over_result.status == "fail"
+    assert "colour far from the expected edit" in over_result.reasons
