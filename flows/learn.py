@@ -21,14 +21,18 @@ def learn_instructions(config: RefreshConfig) -> dict[str, dict]:
     exemplars = validate_exemplars.map(unmapped(config.store_uri), categories).result()
     report_exemplar_problems(exemplars)
     records = {}
-    for category in exemplars:
+    logger = get_run_logger()
+    for number, category in enumerate(exemplars, start=1):
+        name = category["category"]
+        logger.info("learning %d/%d: %s (%d usable pairs)", number, len(exemplars), name, len(category["pairs"]))
         if len(category["pairs"]) < config.learn.min_pairs:
-            records[category["category"]] = too_few_pairs(category, config.learn.min_pairs)
+            records[name] = too_few_pairs(category, config.learn.min_pairs)
             continue
-        records[category["category"]] = learn_or_reuse(
+        records[name] = learn_or_reuse(
             config.store_uri, config.output_uri, category, config.model_uri, config.device,
             config.learn, config.model_slot,
         )
+        logger.info("learning %d/%d: %s done", number, len(exemplars), name)
     return records
 
 

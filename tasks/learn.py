@@ -36,6 +36,7 @@ def learn_or_reuse(
 ) -> dict:
     """The category's instruction record: where it is, its hashes, and whether it was just learned."""
     category = exemplars["category"]
+    get_run_logger().info("%s: loading the model", category)
     model = cached_model(model_uri, device)
     cache_key = instruction_cache_key([p["sha256"] for p in exemplars["pairs"]], model.sha256, learn.cache_fields())
     weights_key, metadata_key = instruction_keys(category, cache_key)
@@ -49,6 +50,7 @@ def learn_or_reuse(
         get_run_logger().info("%s: learning from %d pairs (route %s)", category, len(pairs), learn.route)
         with model_step(model_slot):
             instruction = learn_routed(model, pairs, learn.for_method(), learn.for_route(), category=category)
+        get_run_logger().info("%s: route %s chosen; saving the instruction", category, instruction.route)
         data, metadata = save_instruction(instruction)
         # The .cube first and the metadata last: the metadata's presence is what marks the cache entry done.
         out.put_bytes(instruction_cube_key(category, cache_key), cube_bytes(instruction.lut, title=category),

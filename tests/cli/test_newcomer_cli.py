@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +171,23 @@ def test_learn_checks_root_category_and_output_before_the_model(tmp_path: Path, 
     result = runner.invoke(app, ["learn", str(root), "--category", "warm", "--output",
                                  str(tmp_path / "file" / "out")])
     assert result.exit_code == 2 and "not writable" in result.stderr
+
+
+# -- quiet output, a line per phase ------------------------------------------------------------------
+
+
+def test_learn_prints_each_phase_and_no_third_party_noise(tmp_path: Path, tiny_model: Path) -> None:
+    """A real process: the environment defaults are set by cli/main.py before transformers loads."""
+    root = _shop(tmp_path / "shop")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    done = subprocess.run(
+        [sys.executable, "-c", "from cli.main import app; app()", "learn", str(root), "--category", "warm",
+         "--output", str(tmp_path / "instr"), "--steps", "0", "--model", str(tiny_model), "--route", "lut"],
+        check=False, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "requires torchvision" not in done.stderr and "telemetry" not in done.stderr.lower()
+    phases = [line for line in done.stderr.splitlines() if line.startswith("learn warm: ")]
+    assert [line.split(": ", 1)[1].split(";")[0].split(" ")[0] for line in phases] == [
+        "loading", "2", "model", "route"]
+    assert "saving to" in phases[-1]
