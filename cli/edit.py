@@ -78,7 +78,9 @@ def edit_command(
         ),
     ] = None,
 ) -> None:
-    """Edit every photo under IMAGES_URI from --source-prompt to --target-prompt."""
+    """Edit every photo under IMAGES_URI from --source-prompt to --target-prompt.
+
+    Example: retouch edit photos/ --source-prompt "a photo" --target-prompt "a sepia photo" --output edited/"""
     from editing.instruct.ops import pil_to_tensor, tensor_to_pil, to_native
     from editing.lift import lift_edit
     from editing.models import load_model, native_resolution

@@ -72,7 +72,7 @@ def learn_command(
     output: Annotated[
         str, typer.Option(help="<name>.safetensors URI, or a folder (then <category>.safetensors).")
     ],
-    steps: Annotated[int | None, typer.Option(min=0, help="Optimisation steps (default: LearnConfig).")] = None,
+    steps: Annotated[int, typer.Option(min=0, help="Optimisation steps (LearnConfig.steps).")] = 400,
     space: Annotated[Space, typer.Option(help="Optimise attention K/V or the text embedding.")] = Space.attention,
     seed: Annotated[int, typer.Option(help="Learning seed.")] = 0,
     init_instruction: Annotated[
@@ -92,7 +92,9 @@ def learn_command(
     """Learn the instruction of one category from its before/after exemplar pairs.
 
     Writes <name>.safetensors, its <name>.json sidecar and <name>.cube (the fitted LUT, for Photoshop,
-    Resolve or ffmpeg's lut3d). The last line is JSON with the route and its held-out figures."""
+    Resolve or ffmpeg's lut3d). The last line is JSON with the route and its held-out figures.
+
+    Example: retouch learn shop/ --category warm --output out/  (writes out/warm.safetensors)"""
     from editing.instruct import (
         InstructionPair,
         LearnConfig,
@@ -143,9 +145,7 @@ def learn_command(
     # 3. learn: fit the LUT, learn the instruction, choose the route on held-out pairs
     loaded = _load_model(model, device)
     typer.echo(f"learn {category}: model {loaded.model_id} loaded; learning (route {route.value})", err=True)
-    settings = {"space": space.value, "seed": seed, "init_instruction": init_instruction}
-    if steps is not None:
-        settings["steps"] = steps
+    settings = {"space": space.value, "seed": seed, "init_instruction": init_instruction, "steps": steps}
     instruction = learn_routed(loaded, pairs, LearnConfig(**settings),
                                RouteConfig(route=route.value, lut_size=lut_size, seed=seed), category=category)
     # 4. save the instruction, its sidecar and the .cube
@@ -195,7 +195,9 @@ def apply_command(
         ),
     ] = DType.float32,
 ) -> None:
-    """Apply a learned instruction to every photo under IMAGES_URI; one PNG per input, same size."""
+    """Apply a learned instruction to every photo under IMAGES_URI; one PNG per input, same size.
+
+    Example: retouch apply out/ shop/catalogue/warm --output edited/ --category warm"""
     from editing.instruct import (
         ApplyConfig,
         InstructionIntegrityError,

@@ -27,7 +27,9 @@ def qc_command(
     output: Annotated[str | None, typer.Option(help="Also write every line to this JSON-lines file.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Photos decoded at a time.")] = 16,
 ) -> None:
-    """Check edited photos against their sources and the instruction's category; one JSON line each."""
+    """Check edited photos against their sources and the instruction's category; one JSON line each.
+
+    Example: retouch qc out/warm.safetensors photos/ edited/"""
     from editing.instruct import InstructionIntegrityError, load_instruction
     from editing.instruct.route import expected_output, qc_thresholds
     from editing.quality import QCThresholds, assess

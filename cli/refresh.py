@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import unquote, urlparse
 
 import typer
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel
+
+from cli.common import UserError
 
 
 def load_refresh_config(path: Path):
@@ -18,20 +22,85 @@ def load_refresh_config(path: Path):
     return RefreshConfig.model_validate(yaml.safe_load(path.read_text()) or {})
 
 
+def config_template(model: type[BaseModel], indent: int = 0) -> list[str]:
+    """A commented YAML template of `model`: each field's description, then its default (nested
+    configs expanded); required fields are left empty and say so."""
+    pad = "  " * indent
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        lines.extend(f"{pad}# {line}" for line in (field.description or "").splitlines())
+        nested = field.annotation if isinstance(field.annotation, type) else None
+        if nested is not None and issubclass(nested, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.extend(config_template(nested, indent + 1))
+        elif field.is_required():
+            lines.append(f"{pad}{name}:  # required")
+        else:
+            default = field.get_default(call_default_factory=True)
+            value = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip()
+            lines.append(f"{pad}{name}: {value.removesuffix('...').strip()}")
+    return lines
+
+
+def plain(uri: str) -> str:
+    """`file:///a/run%3Dx` -> `/a/run=x`: a path a user can paste into `ls` or `retouch ls`."""
+    return unquote(urlparse(uri).path) if uri.startswith("file://") else uri
+
+
+def summary_table(summary: dict) -> str:
+    """The run summary for a person: where things are (plain paths), then one line per category."""
+    rows = [
+        ("run", summary.get("run_id")),
+        ("store", plain(str(summary.get("store_uri")))),
+        ("output", plain(str(summary.get("output_uri")))),
+        ("edited", plain(str(summary.get("edited_uri")))),
+        ("manifest", plain(str(summary.get("manifest_uri")))),
+        ("partitions", ", ".join(f"{k} {v}" for k, v in (summary.get("partitions") or {}).items())),
+        ("instructions", ", ".join(f"{k} {v}" for k, v in (summary.get("instructions") or {}).items())),
+        ("review", (summary.get("review") or {}).get("status", json.dumps(summary.get("review"), default=str))),
+        ("total time", f"{(summary.get('timings_s') or {}).get('total', '?')} s"),
+    ]
+    lines = [f"{label:<13} {value}" for label, value in rows]
+    categories = summary.get("categories") or {}
+    if categories:
+        lines.append("")
+        lines.append(f"{'category':<20} instruction; counts")
+        for name, report in categories.items():
+            counts = ", ".join(f"{k} {v}" for k, v in report.items() if isinstance(v, int) and not isinstance(v, bool))
+            lines.append(f"{name:<20} {report.get('instruction', '')}; {counts}")
+    return "\n".join(lines)
+
+
 def refresh(
-    config: Annotated[Path, typer.Option("--config", exists=True, dir_okay=False,
-                                         help="YAML or JSON file holding a RefreshConfig.")],
+    config: Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False,
+                                                help="YAML or JSON file holding a RefreshConfig.")] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print a commented YAML template of every setting and exit.")
+    ] = False,
+    as_json: Annotated[
+        bool | None,
+        typer.Option("--json/--table", help="Summary as one JSON line, or a table (default: a table on a "
+                     "terminal, JSON when piped)."),
+    ] = None,
 ) -> None:
-    """Run catalogue_refresh once (embedded Prefect unless PREFECT_API_URL is set); prints the summary."""
-    try:
-        refresh_config = load_refresh_config(config)
-    except ValidationError as exc:
-        typer.echo(f"{config}: invalid refresh config:\n{exc}", err=True)
-        raise typer.Exit(2) from None
+    """Run catalogue_refresh once (embedded Prefect unless PREFECT_API_URL is set); prints the summary.
+
+    Example: retouch refresh --print-config > refresh.yaml; edit store_uri; retouch refresh --config refresh.yaml"""
+    from tasks.params import RefreshConfig
+
+    if print_config:
+        typer.echo("\n".join(config_template(RefreshConfig)))
+        return
+    if config is None:
+        raise UserError("give --config FILE (start from `retouch refresh --print-config`)")
+    refresh_config = load_refresh_config(config)
     from flows.refresh import catalogue_refresh
 
     summary = catalogue_refresh(refresh_config)
-    typer.echo(json.dumps(summary, sort_keys=True, default=str))
+    if as_json if as_json is not None else not sys.stdout.isatty():
+        typer.echo(json.dumps(summary, sort_keys=True, default=str))
+    else:
+        typer.echo(summary_table(summary))
 
 
 def demo(
@@ -39,7 +108,9 @@ def demo(
     steps: Annotated[int | None, typer.Option(help="Instruction learning steps.")] = None,
     model: Annotated[str | None, typer.Option(help="Model folder or s3:// prefix (default: shipped).")] = None,
 ) -> None:
-    """Build a demo shop from sample photos and run the nightly refresh on it (same as `make demo`)."""
+    """Build a demo shop from sample photos and run the nightly refresh on it (same as `make demo`).
+
+    Example: retouch demo --output demo-output --steps 50"""
     from flows.demo import main
 
     argv = ["--output", output] + (["--steps", str(steps)] if steps is not None else [])

@@ -50,7 +50,9 @@ def validate_command(
         typer.Option(help="Also decode every exemplar and catalogue image (slower, catches broken files)."),
     ] = False,
 ) -> None:
-    """Check a root against the exemplar/catalogue layout (see README) and print every problem."""
+    """Check a root against the exemplar/catalogue layout (see README) and print every problem.
+
+    Example: retouch validate s3://bucket/shop --decode"""
     try:
         problems = _validate(root, decode)
     except StoreError as exc:

@@ -201,6 +201,10 @@ def review_and_publish(store_uri: str, run_id: str, config: ReviewConfig) -> dic
             create_markdown_artifact(markdown=description, key=artifact_key("review", run_id), description="Review")
             try:
                 if remaining > 0:
+                    get_run_logger().info(
+                        "run %s: waiting for review (round %d, %d s left): retouch review list; "
+                        "retouch review approve %s --reviewer NAME --all-passing (or --ids ID,...)",
+                        run_id, round_no, remaining, run_id)
                     decision = _wait_for_decision(round_no, description, config, remaining)
                 else:
                     decision = _stored_decision(round_no)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -191,3 +192,54 @@ def test_learn_prints_each_phase_and_no_third_party_noise(tmp_path: Path, tiny_m
     assert [line.split(": ", 1)[1].split(";")[0].split(" ")[0] for line in phases] == [
         "loading", "2", "model", "route"]
     assert "saving to" in phases[-1]
+
+
+# -- help, the config template, the refresh summary ----------------------------------------------------
+
+
+def test_help_shows_examples_and_real_defaults() -> None:
+    from editing.instruct import LearnConfig
+
+    for command in ("learn", "apply", "edit", "qc", "validate", "ls", "refresh", "demo"):
+        result = runner.invoke(app, [command, "--help"], terminal_width=200)
+        assert result.exit_code == 0 and "Example:" in result.stdout, command
+    learn_help = runner.invoke(app, ["learn", "--help"], terminal_width=200).stdout
+    assert "LearnConfig]" not in learn_help
+    assert f"[default: {LearnConfig.model_fields['steps'].default}]" in learn_help
+
+
+def test_print_config_is_a_commented_template_of_the_defaults(tmp_path: Path) -> None:
+    from tasks.params import RefreshConfig
+
+    result = runner.invoke(app, ["refresh", "--print-config"])
+    assert result.exit_code == 0
+    text = result.stdout
+    assert "store_uri:  # required" in text and "# Instruction learning." in text and "\nqc:\n" in text
+    filled = text.replace("store_uri:  # required", "store_uri: /shop")
+    assert RefreshConfig.model_validate(yaml.safe_load(filled)) == RefreshConfig(store_uri="/shop")
+    (tmp_path / "bad.yaml").write_text("store_uri: /shop\nlearn: {steps: -1}\n")
+    bad = runner.invoke(app, ["refresh", "--config", str(tmp_path / "bad.yaml")])
+    assert bad.exit_code == 2 and _error_lines(bad) == [
+        "error: invalid RefreshConfig: learn.steps: Input should be greater than or equal to 0"]
+
+
+SUMMARY = {
+    "run_id": "r1", "store_uri": "/shop", "output_uri": "/out",
+    "edited_uri": "file:///out/edited/run%3Dr1", "manifest_uri": "file:///out/manifest/run%3Dr1",
+    "categories": {"warm": {"category": "warm", "items": 3, "instruction": "learned, route lut"}},
+    "partitions": {"total": 1, "done": 1, "skipped": 0}, "instructions": {"learned": 1, "reused": 0},
+    "review": {"status": "approved"}, "timings_s": {"total": 1.5},
+}
+
+
+def test_refresh_prints_a_table_with_plain_paths_or_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.refresh
+
+    monkeypatch.setattr(flows.refresh, "catalogue_refresh", lambda config: SUMMARY)
+    (tmp_path / "c.yaml").write_text("store_uri: /shop\n")
+    table = runner.invoke(app, ["refresh", "--config", str(tmp_path / "c.yaml"), "--table"])
+    assert table.exit_code == 0, table.output
+    assert "/out/edited/run=r1" in table.stdout and "%3D" not in table.stdout
+    assert "warm" in table.stdout and "items 3" in table.stdout
+    as_json = runner.invoke(app, ["refresh", "--config", str(tmp_path / "c.yaml"), "--json"])
+    assert json.loads(as_json.stdout) == SUMMARY
