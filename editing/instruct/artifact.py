@@ -133,7 +133,19 @@ def _canonical(metadata: dict) -> bytes:
     return json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _is_timing(field: str) -> bool:
+    """Wall-clock figures (`wall_time_s`, `route_wall_time_s`): kept in the sidecar, left out of the
+    content hash, so two identical learning runs give the same `content_sha256`."""
+    return field.endswith("time_s")
+
+
 def _content_hash(data: bytes, metadata: dict) -> str:
+    hashed = {k: v for k, v in metadata.items() if k != "content_sha256" and not _is_timing(k)}
+    return hashlib.sha256(data + b"\x00" + _canonical(hashed)).hexdigest()
+
+
+def _legacy_content_hash(data: bytes, metadata: dict) -> str:
+    """The hash of artifacts written before timings were left out; still accepted when loading."""
     unsigned = {k: v for k, v in metadata.items() if k != "content_sha256"}
     return hashlib.sha256(data + b"\x00" + _canonical(unsigned)).hexdigest()
 
@@ -239,7 +251,7 @@ def load_instruction(
         raise InstructionIntegrityError(
             f"not a {ARTIFACT_FORMAT} artifact (format={metadata.get('format')!r})"
         )
-    if metadata.get("content_sha256") != _content_hash(data, metadata):
+    if metadata.get("content_sha256") not in (_content_hash(data, metadata), _legacy_content_hash(data, metadata)):
         raise InstructionIntegrityError(
             "instruction artifact does not match its content hash: the safetensors bytes or the metadata "
             "were modified or belong to different artifacts"

@@ -243,3 +243,15 @@ def test_refresh_prints_a_table_with_plain_paths_or_json(tmp_path: Path, monkeyp
     assert "warm" in table.stdout and "items 3" in table.stdout
     as_json = runner.invoke(app, ["refresh", "--config", str(tmp_path / "c.yaml"), "--json"])
     assert json.loads(as_json.stdout) == SUMMARY
+
+
+def test_two_identical_learn_runs_give_the_same_instruction_hash(tmp_path: Path, tiny_model: Path) -> None:
+    root = _shop(tmp_path / "shop")
+    first, second = (_learn(root, tmp_path / name, tiny_model) for name in ("one", "two"))
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    one, two = (json.loads(r.stdout.splitlines()[-1]) for r in (first, second))
+    assert one["instruction_sha256"] == two["instruction_sha256"]
+    sidecars = [json.loads((tmp_path / name / "warm.json").read_text()) for name in ("one", "two")]
+    assert all("route_wall_time_s" in s for s in sidecars)  # kept in the sidecar, out of the hash
+    result = _apply(str(tmp_path / "one"), _photos(tmp_path / "photos", ("a.png",)), tmp_path / "out")
+    assert result.exit_code == 0, result.output  # and the new hash verifies on load
