@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,30 @@ def test_two_identical_learn_runs_give_the_same_instruction_hash(tmp_path: Path,
     assert all("route_wall_time_s" in s for s in sidecars)  # kept in the sidecar, out of the hash
     result = _apply(str(tmp_path / "one"), _photos(tmp_path / "photos", ("a.png",)), tmp_path / "out")
     assert result.exit_code == 0, result.output  # and the new hash verifies on load
+
+
+# -- the README's manifest examples, run as written -----------------------------------------------------
+
+
+def _readme_block(marker: str) -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    match = re.search(rf"<!-- {marker} -->\s*```\w*\n(.*?)```", readme, re.DOTALL)
+    assert match, f"README has no block after <!-- {marker} -->"
+    return match.group(1)
+
+
+def test_the_readme_manifest_examples_work_when_pasted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from the folder `make demo` ran in, as a user would paste them."""
+    from storage.store import open_store
+    from tests.flows.review_helpers import write_run
+
+    write_run(open_store(str(tmp_path / "demo-output" / "store")), "2026-11-21")
+    repo = Path(__file__).resolve().parents[2]
+    pasted = subprocess.run([sys.executable, "-c", _readme_block("manifest-pandas-example")], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, check=False)
+    assert pasted.returncode == 0, pasted.stderr
+    assert all(status in pasted.stdout for status in ("pass", "flag", "fail", "error"))
+    monkeypatch.chdir(tmp_path)
+    duckdb = pytest.importorskip("duckdb")
+    counts = duckdb.sql(_readme_block("manifest-duckdb-example")).fetchall()
+    assert sum(n for *_, n in counts) == 6 and {status for status, *_ in counts} == {"pass", "flag", "fail", "error"}
