@@ -61,13 +61,10 @@ def summary_table(summary: dict) -> str:
         ("total time", f"{(summary.get('timings_s') or {}).get('total', '?')} s"),
     ]
     lines = [f"{label:<13} {value}" for label, value in rows]
-    categories = summary.get("categories") or {}
-    if categories:
-        lines.append("")
-        lines.append(f"{'category':<20} instruction; counts")
-        for name, report in categories.items():
-            counts = ", ".join(f"{k} {v}" for k, v in report.items() if isinstance(v, int) and not isinstance(v, bool))
-            lines.append(f"{name:<20} {report.get('instruction', '')}; {counts}")
+    if summary.get("categories"):
+        from flows.demo import results_table
+
+        lines += ["", results_table(summary)]
     return "\n".join(lines)
 
 
