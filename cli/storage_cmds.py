@@ -12,16 +12,18 @@ import typer
 
 from cli.common import missing_reason
 from storage.images import ImageError, load_image
+from storage.keys import InvalidKeyError, validate_key
 from storage.layout import (
     CATALOGUE_PREFIX,
     CatalogueIndexError,
     LayoutProblem,
+    catalogue_index_problems,
     list_categories,
     list_exemplar_pairs,
     load_pair,
-    read_catalogue_index,
+    stray_exemplar_keys,
 )
-from storage.store import StoreError, open_store
+from storage.store import open_store
 
 
 def ls_command(
@@ -50,43 +52,45 @@ def validate_command(
         typer.Option(help="Also decode every exemplar and catalogue image (slower, catches broken files)."),
     ] = False,
 ) -> None:
-    """Check a root against the exemplar/catalogue layout (see README) and print every problem.
+    """Check a root against the exemplar/catalogue layout (see README) and print every problem at once,
+    then what was found (categories, pairs, index rows, partitions).
 
     Example: retouch validate s3://bucket/shop --decode"""
-    try:
-        problems = _validate(root, decode)
-    except StoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    problems, found = _validate(root, decode)
     for p in problems:
         typer.echo(f"{p.code:<22} {p.key}: {p.reason}")
+    typer.echo("found " + ", ".join(f"{n} {what}" for what, n in found.items()))
     typer.echo(f"{len(problems)} problem(s) in {root}")
     if problems:
         raise typer.Exit(1)
 
 
-def _validate(root: str, decode: bool) -> list[LayoutProblem]:
+def _validate(root: str, decode: bool) -> tuple[list[LayoutProblem], dict[str, int]]:
     store = open_store(root)
-    problems: list[LayoutProblem] = []
+    problems: list[LayoutProblem] = list(stray_exemplar_keys(store))
     categories = list_categories(store)
+    found = {"categories": len(categories), "exemplar pairs": 0, "index rows": 0, "partitions": 0}
     if not categories:
         problems.append(
             LayoutProblem("exemplars/", "no_exemplars", "no exemplars/<category>/<pair_id>/ found")
         )
     for category in categories:
-        pairs, found = list_exemplar_pairs(store, category)
-        problems.extend(found)
+        pairs, category_problems = list_exemplar_pairs(store, category)
+        found["exemplar pairs"] += len(pairs)
+        problems.extend(category_problems)
         for pair in pairs if decode else ():
             try:
                 load_pair(store, pair)
             except ImageError as exc:
                 problems.append(LayoutProblem(exc.key, exc.code, exc.reason))
     try:
-        index = read_catalogue_index(store)
+        index, index_problems = catalogue_index_problems(store)
     except CatalogueIndexError as exc:
         problems.append(LayoutProblem(CATALOGUE_PREFIX, "bad_catalogue_index", str(exc)))
-        return problems
-    unknown = sorted(set(index["category"]) - set(categories))
+        return problems, found
+    problems.extend(index_problems)
+    found["index rows"], found["partitions"] = len(index), index["partition"].nunique() if len(index) else 0
+    unknown = sorted(set(index["category"]) - set(categories)) if len(index) else []
     if unknown:
         problems.append(
             LayoutProblem(
@@ -94,9 +98,11 @@ def _validate(root: str, decode: bool) -> list[LayoutProblem]:
             )
         )
     present = set(store.list(CATALOGUE_PREFIX))
-    for row in index[index["index_error"] != ""].itertuples():
-        problems.append(LayoutProblem(repr(row.key), "bad_index_row", f"{row.image_id}: {row.index_error}"))
-    for key in index.loc[index["index_error"] == "", "key"]:
+    for key in index["key"] if len(index) else ():
+        try:
+            validate_key(key)
+        except InvalidKeyError:
+            continue  # reported as a bad index row
         # One listing answers for keys under catalogue/; keys elsewhere cost a request each.
         missing = key not in present if key.startswith(CATALOGUE_PREFIX) else not store.exists(key)
         if missing:
@@ -106,7 +112,7 @@ def _validate(root: str, decode: bool) -> list[LayoutProblem]:
                 load_image(store, key)
             except ImageError as exc:
                 problems.append(LayoutProblem(exc.key, exc.code, exc.reason))
-    return problems
+    return problems, found
 
 
 def register(app: typer.Typer) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "CatalogueIndexError",
     "ExemplarPair",
     "LayoutProblem",
+    "catalogue_index_problems",
     "list_categories",
     "list_exemplar_pairs",
     "load_pair",
@@ -237,17 +238,61 @@ def _row_problem(image_id: str, key: str, category: str, partition: str) -> str:
 
 def read_catalogue_index(store: Store) -> pd.DataFrame:
     """The catalogue index (Parquet preferred, CSV accepted), validated, all columns as strings."""
+    key, df = _read_raw_index(store)
+    return _validated_index(df, store.uri_for(key))
+
+
+def _read_raw_index(store: Store) -> tuple[str, pd.DataFrame]:
     for key, reader in ((CATALOGUE_INDEX_PARQUET, pd.read_parquet), (CATALOGUE_INDEX_CSV, _read_csv)):
         try:
             data = store.get_bytes(key)
         except NotFoundError:
             continue
         try:
-            df = reader(io.BytesIO(data))
+            return key, reader(io.BytesIO(data))
         except Exception as exc:  # pandas/pyarrow raise many types for a broken file
             raise CatalogueIndexError(f"{store.uri_for(key)}: unreadable: {exc}") from exc
-        return _validated_index(df, store.uri_for(key))
     raise CatalogueIndexError(f"{store.uri}: no {CATALOGUE_INDEX_PARQUET} or {CATALOGUE_INDEX_CSV}")
+
+
+def catalogue_index_problems(store: Store) -> tuple[pd.DataFrame, list[LayoutProblem]]:
+    """Every problem of the catalogue index at once, each naming the rows as a reader finds them (CSV:
+    file line numbers, the header being line 1; Parquet: 1-based row numbers), and the rows whose four
+    fields are present (for the image checks). `read_catalogue_index` refuses the first table-level
+    problem instead; this is for `retouch validate`."""
+    key, df = _read_raw_index(store)
+    where = store.uri_for(key)
+
+    def rows(labels) -> str:
+        numbers = [int(i) + 2 if key.endswith(".csv") else int(i) + 1 for i in labels]
+        shown = ", ".join(map(str, numbers[:20])) + (f" (+{len(numbers) - 20} more)" if len(numbers) > 20 else "")
+        return ("line " if key.endswith(".csv") else "row ") + shown
+
+    missing = [c for c in CATALOGUE_INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        return df.iloc[0:0], [LayoutProblem(where, "bad_catalogue_index",
+                                            f"missing columns {missing}; need {list(CATALOGUE_INDEX_COLUMNS)}")]
+    problems: list[LayoutProblem] = []
+    complete = df[list(CATALOGUE_INDEX_COLUMNS)].notna().all(axis=1)
+    for col in CATALOGUE_INDEX_COLUMNS:
+        nulls = df[col].isna()
+        if nulls.any():
+            problems.append(LayoutProblem(where, "empty_index_cell", f"column {col!r} is empty in {rows(df.index[nulls])}"))
+    usable = df[complete].astype({c: str for c in CATALOGUE_INDEX_COLUMNS})
+    for image_id, group in usable.groupby("image_id", sort=True):
+        if len(group) > 1:
+            problems.append(LayoutProblem(where, "duplicate_image_id", f"{image_id!r} in {rows(group.index)}"))
+    for col in ("category", "partition"):
+        for value, group in usable.groupby(col, sort=True):
+            try:
+                _validate_segment(value)
+            except InvalidKeyError as exc:
+                problems.append(LayoutProblem(where, f"bad_{col}", f"{rows(group.index)}: {exc}"))
+    for row in usable.itertuples():
+        reason = _row_problem(row.image_id, row.key, row.category, row.partition)
+        if reason:
+            problems.append(LayoutProblem(where, "bad_index_row", f"{rows([row.Index])} ({row.image_id}): {reason}"))
+    return usable, problems
 
 
 def _read_csv(buf: io.BytesIO) -> pd.DataFrame:

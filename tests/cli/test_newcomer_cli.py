@@ -284,3 +284,42 @@ def test_the_readme_manifest_examples_work_when_pasted(tmp_path: Path, monkeypat
     duckdb = pytest.importorskip("duckdb")
     counts = duckdb.sql(_readme_block("manifest-duckdb-example")).fetchall()
     assert sum(n for *_, n in counts) == 6 and {status for status, *_ in counts} == {"pass", "flag", "fail", "error"}
+
+
+# -- retouch validate ---------------------------------------------------------------------------------------
+
+
+def test_validate_reports_every_problem_at_once_with_file_line_numbers(tmp_path: Path) -> None:
+    root = _shop(tmp_path / "shop")
+    (root / "exemplars" / "warm" / "p9").mkdir()
+    _photo(9).save(root / "exemplars" / "warm" / "p9" / "before.png")  # no after
+    _photos(root / "catalogue", ("a.png", "b.png"))
+    (root / "catalogue" / "index.csv").write_text(
+        "image_id,key,category,partition\n"      # line 1
+        "a,catalogue/a.png,warm,p0\n"            # line 2
+        "b,,warm,p0\n"                           # line 3: empty key
+        "a,catalogue/b.png,warm,p0\n"            # line 4: duplicate id
+        "c,catalogue/../c.png,warm,p1\n"         # line 5: bad key
+        "d,catalogue/gone.png,cool,p1\n"         # line 6: missing image, unknown category
+    )
+    result = runner.invoke(app, ["validate", str(root)])
+    assert result.exit_code == 1
+    out = result.stdout
+    assert "column 'key' is empty in line 3" in out
+    assert "'a' in line 2, 4" in out
+    assert "line 5 (c): bad key" in out
+    assert "catalogue/gone.png: listed in the catalogue index but absent" in out
+    assert "index categories without exemplars: ['cool']" in out
+    assert "missing_pair_half" in out
+    assert out.endswith(f"6 problem(s) in {root}\n")
+
+
+def test_validate_counts_what_it_found_on_a_good_shop(tmp_path: Path) -> None:
+    root = _shop(tmp_path / "shop")
+    _photos(root / "catalogue", ("a.png", "b.png"))
+    (root / "catalogue" / "index.csv").write_text(
+        "image_id,key,category,partition\na,catalogue/a.png,warm,p0\nb,catalogue/b.png,warm,p1\n")
+    result = runner.invoke(app, ["validate", str(root)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-2:] == [
+        "found 1 categories, 2 exemplar pairs, 2 index rows, 2 partitions", f"0 problem(s) in {root}"]

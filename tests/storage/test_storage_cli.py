@@ -47,7 +47,7 @@ def test_validate_reports_every_problem_and_fails(tmp_path):
     _shop(tmp_path)
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "shop"), "--decode"])
     assert result.exit_code == 1
-    codes = sorted(line.split()[0] for line in result.output.splitlines()[:-1])
+    codes = sorted(line.split()[0] for line in result.output.splitlines()[:-2])  # then found ..., N problem(s)
     assert codes == ["missing_image", "missing_pair_half", "not_an_image", "unknown_category"]
     assert "catalogue/gone.png" in result.output and result.output.endswith(
         f"4 problem(s) in {tmp_path / 'shop'}\n"
