@@ -14,6 +14,9 @@ import os
 # Prefect tries to send telemetry and logs an ERROR line when offline.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A first `retouch refresh` migrates a fresh embedded database; on a busy 2-core box that can take
+# longer than Prefect's 20 s default (the same default as `make demo`).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
@@ -62,8 +65,17 @@ def _options(
 
 for _module in (storage_cmds, models, instruct, edit, qc, refresh, review, dashboard):
     _module.register(app)
-for _command in app.registered_commands:
-    _command.callback = user_errors(_command.callback)
+
+
+def _wrap_commands(typer_app: typer.Typer) -> None:
+    """`user_errors` around every command, sub-apps (`retouch review ...`) included."""
+    for command in typer_app.registered_commands:
+        command.callback = user_errors(command.callback)
+    for group in typer_app.registered_groups:
+        _wrap_commands(group.typer_instance)
+
+
+_wrap_commands(app)
 
 
 def main() -> None:

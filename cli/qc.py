@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import BatchReport, decoded_batches, image_keys, sidecar_key, split_uri
+from cli.common import BatchReport, UserError, decoded_batches, image_keys, resolve_instruction, sidecar_key
 
 
 def qc_command(
@@ -36,9 +36,8 @@ def qc_command(
     from storage.images import ImageError, load_image
     from storage.store import StoreError, open_store
 
-    root, key = split_uri(instruction_uri)
     try:
-        artifacts = open_store(root)
+        artifacts, key = resolve_instruction(instruction_uri)
         metadata = json.loads(artifacts.get_bytes(sidecar_key(key)))
         # QC needs the LUT and the metadata, never the model: the learned tensors are left out.
         instruction = load_instruction(artifacts.get_bytes(key), metadata, photometric_only=True)
@@ -53,6 +52,8 @@ def qc_command(
         raise typer.Exit(2)
     thresholds = qc_thresholds(instruction, QCThresholds())
     keys = [k for k in image_keys(edited) if PurePosixPath(k).stem in source_keys]
+    if not keys:
+        raise UserError(f"no edited photo under {edited_uri} has a source under {sources_uri} (matched by stem)")
     report = BatchReport(command="qc", extra={"category": instruction.category, "route": instruction.route})
     counts: dict[str, int] = {}
     sink = open(output, "w") if output else None  # noqa: SIM115 - closed below, after the last line

@@ -41,6 +41,16 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert not isinstance(result.exception, SystemExit)
 
 
+def test_every_command_sub_apps_included_has_the_error_boundary() -> None:
+    def commands(typer_app):
+        yield from typer_app.registered_commands
+        for group in typer_app.registered_groups:
+            yield from commands(group.typer_instance)
+
+    names = {command.callback.__wrapped__.__name__ for command in commands(app)}
+    assert {"learn_command", "apply_command", "approve_cmd", "refresh"} <= names
+
+
 def test_short_help_and_version() -> None:
     assert "Usage" in runner.invoke(app, ["-h"]).stdout
     assert "Usage" in runner.invoke(app, ["learn", "-h"]).stdout
@@ -323,3 +333,13 @@ def test_validate_counts_what_it_found_on_a_good_shop(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-2:] == [
         "found 1 categories, 2 exemplar pairs, 2 index rows, 2 partitions", f"0 problem(s) in {root}"]
+
+
+def test_qc_takes_the_learn_output_folder_and_refuses_nothing_to_check(tmp_path: Path, learned: Path) -> None:
+    photos = _photos(tmp_path / "photos", ("a.png",))
+    assert _apply(str(learned), photos, tmp_path / "edited").exit_code == 0
+    checked = runner.invoke(app, ["qc", str(learned), str(photos), str(tmp_path / "edited")])
+    assert checked.exit_code == 0, checked.output
+    (tmp_path / "empty").mkdir()
+    nothing = runner.invoke(app, ["qc", str(learned), str(photos), str(tmp_path / "empty")])
+    assert nothing.exit_code == 2 and _error_lines(nothing)[0].startswith("error: no edited photo under")
