@@ -36,7 +36,7 @@ def count_calls(path: str) -> None:
         return wrapper
 
     tasks.models.load_model = counted("load_model", tasks.models.load_model)
-    tasks.learn.learn_instruction = counted("learn_instruction", tasks.learn.learn_instruction)
+    tasks.learn.learn_routed = counted("learn_routed", tasks.learn.learn_routed)
     tasks.edit.apply_instruction = counted("apply_instruction", tasks.edit.apply_instruction)
     record(f"start {__name__}")
 

@@ -106,7 +106,7 @@ def test_served_refresh_suspends_for_review_releases_its_process_and_resumes_wit
     config = refresh_config(s3_uri, "unused", str(model)).model_copy(update={
         "run_id": None, "review": ReviewConfig(policy="human", timeout_s=3600, poll_interval_s=5),
         # A named start skips the phrase-bank search, minutes of model calls on this machine.
-        "learn": LearnParams(steps=2, min_pairs=2, init_instruction="make it warmer")})
+        "learn": LearnParams(steps=2, min_pairs=2, init_instruction="make it warmer", route="instructbrush")})
     calls, log = tmp_path / "calls.txt", tmp_path / "serve.log"
     env = {**os.environ, "PREFECT_API_URL": url, "PYTHONPATH": str(ROOT), "RETOUCH_TEST_CALLS": str(calls),
            "PREFECT_HOME": str(tmp_path / "runner-home"), "PREFECT_RUNNER_POLL_FREQUENCY": "2",
@@ -148,7 +148,7 @@ def _run_the_review(serve, log, calls, env, seaweed_s3, s3_uri, store, index) ->
     with get_client(sync_client=True) as client:
         assert _suspended(client.read_flow_run(flow_run.id)), "the run did not stay Suspended without a process"
     work = _events(calls, first)
-    assert work["learn_instruction"] == 2 and work["apply_instruction"] == 3 * 2  # 2 categories per partition
+    assert work["learn_routed"] == 2 and work["apply_instruction"] == 3 * 2  # 2 categories per partition
     edited = _edited_objects(seaweed_s3, s3_uri, run_id)
     assert len(edited) == len(index)
     assert all(s == "pending" for s in read_manifest(store, run_id)["review_status"])

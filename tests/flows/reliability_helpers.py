@@ -150,8 +150,9 @@ def refresh_config(
         run_id=run_id,
         model_uri=model_dir,
         workers=1,
-        # A named start skips the phrase-bank search (minutes of model calls on a loaded 2-core box).
-        learn=LearnParams(steps=2, min_pairs=2, init_instruction="make it warmer"),
+        # A named start skips the phrase-bank search (minutes of model calls on a loaded 2-core box);
+        # the learned route keeps the model in every stage these failure tests exercise.
+        learn=LearnParams(steps=2, min_pairs=2, init_instruction="make it warmer", route="instructbrush"),
         apply=ApplyParams(num_inference_steps=2, batch_size=4),
         qc=LENIENT_QC,
         review=ReviewConfig(policy=policy, timeout_s=60, poll_interval_s=1),
