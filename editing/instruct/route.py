@@ -127,8 +127,10 @@ def choose_route(
     befores = [p.before.convert("RGB") for p in held_out]
     scores = {"identity": score(befores, truths), "lut": score([apply_lut(lut, b) for b in befores], truths)}
     apply_config = ApplyConfig(dtype=model.dtype)
+    starts = {}
     for route in LEARNED_ROUTES:
         stage = _learn_route(model, train, lut, route, config, category, scorer)
+        starts[route] = stage.instruction  # the phrase it started from
         seeds = [item_seed("route", p.pair_id, category) for p in held_out]
         scores[route] = score(apply_instruction(model, stage, befores, apply_config, seeds), truths)
     best = max(LEARNED_ROUTES, key=lambda r: scores[r]["psnr"])
@@ -136,6 +138,7 @@ def choose_route(
     chosen = best if gain >= route_config.margin_db else "lut"
     return {
         "route": chosen, "scores": scores, "held_out": [p.pair_id for p in held_out],
+        "init_instruction": starts.get(chosen),
         "reason": f"best learned route {best} {gain:+.2f} dB over the LUT alone (margin {route_config.margin_db} dB)",
     }
 
@@ -163,6 +166,10 @@ def learn_routed(
         choice = choose_route(model, pairs, config, route_config, category, scorer)
     # 3. the photometric stage on all pairs, then the chosen route on all pairs
     lut = _fit(pairs, route_config.lut_size)
+    if choice.get("init_instruction") and config.init_instruction is None:
+        # The phrase search already ran for this route on the training pairs: start from its choice
+        # rather than search the phrase bank a third time.
+        config = config.model_copy(update={"init_instruction": choice["init_instruction"]})
     instruction = _learn_route(model, pairs, lut, choice["route"], config, category, scorer)
     # 4. what QC compares with: the exemplars' colour shift, and what the LUT leaves on them (the colour
     #    difference a learned stage is expected to add)
