@@ -343,3 +343,15 @@ def test_qc_takes_the_learn_output_folder_and_refuses_nothing_to_check(tmp_path:
     (tmp_path / "empty").mkdir()
     nothing = runner.invoke(app, ["qc", str(learned), str(photos), str(tmp_path / "empty")])
     assert nothing.exit_code == 2 and _error_lines(nothing)[0].startswith("error: no edited photo under")
+
+
+def test_edit_checks_photos_and_output_before_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("editing.models.load_model", refuse)
+    photos = _photos(tmp_path / "photos", ("a/item.jpg", "b/item.jpg"))
+    clash = runner.invoke(app, ["edit", str(photos), "--target-prompt", "a sepia photo", "--output", str(tmp_path / "o")])
+    assert clash.exit_code == 2 and "item.png <- a/item.jpg, b/item.jpg" in clash.stderr
+    missing = runner.invoke(app, ["edit", str(tmp_path / "nosuch"), "--target-prompt", "x", "--output", str(tmp_path / "o")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
