@@ -49,7 +49,7 @@ from editing.seeds import item_seed
 from editing.transforms import EDITS, cool, decrease_contrast, increase_contrast, sepia, vignette, warm
 
 
-def _green_tint(x: Tensor) -> Tensor:
+def green_tint(x: Tensor) -> Tensor:
     """A colour cast none of the trained edits produces."""
     return (x * x.new_tensor((0.88, 1.1, 0.9)).view(1, 3, 1, 1)).clamp(0, 1)
 
@@ -58,11 +58,11 @@ CATEGORIES: dict[str, Callable[[Tensor], Tensor]] = {
     "warm_contrast": lambda x: increase_contrast(warm(x)),
     "faded_cool": lambda x: decrease_contrast(cool(x)),
     "sepia_vignette": lambda x: vignette(sepia(x)),
-    "green_tint": _green_tint,
+    "green_tint": green_tint,
 }
 
 
-def _crops(photos: dict[str, np.ndarray], count: int, seed: int) -> list[tuple[str, Tensor]]:
+def crops(photos: dict[str, np.ndarray], count: int, seed: int) -> list[tuple[str, Tensor]]:
     """Random square-ish crops, 96-256 px, from the held-out photos."""
     rng = np.random.default_rng(seed)
     names = sorted(photos)
@@ -113,8 +113,8 @@ def main() -> None:
     rows = []
     for index, name in enumerate(args.categories.split(",")):
         transform = CATEGORIES[name]
-        train = _crops(photos, 10, seed=100 + index)
-        test = _crops(photos, 5, seed=200 + index)
+        train = crops(photos, 10, seed=100 + index)
+        test = crops(photos, 5, seed=200 + index)
         pairs = [
             InstructionPair(pid, tensor_to_pil(x), tensor_to_pil(transform(x[None])[0]), "")
             for pid, x in train

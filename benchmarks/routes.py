@@ -26,11 +26,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from benchmarks.instruct_quality import crops, green_tint
 from editing.instruct import (
     InstructionPair,
     LearnConfig,
@@ -47,10 +47,6 @@ from editing.seeds import item_seed
 from editing.transforms import blur, cool, decrease_contrast, increase_contrast, sepia, vignette, warm
 
 
-def _green_tint(x: Tensor) -> Tensor:
-    return (x * x.new_tensor((0.88, 1.1, 0.9)).view(1, 3, 1, 1)).clamp(0, 1)
-
-
 def _dodge(x: Tensor) -> Tensor:
     """Local light: brighten a soft disc left of centre, as a retoucher's dodge brush does."""
     height, width = x.shape[-2:]
@@ -63,7 +59,7 @@ def _dodge(x: Tensor) -> Tensor:
 GLOBAL: dict[str, Callable[[Tensor], Tensor]] = {
     "warm_contrast": lambda x: increase_contrast(warm(x)),
     "faded_cool": lambda x: decrease_contrast(cool(x)),
-    "green_tint": _green_tint,
+    "green_tint": green_tint,
 }
 SPATIAL: dict[str, Callable[[Tensor], Tensor]] = {
     "sepia_vignette": lambda x: vignette(sepia(x)),
@@ -73,25 +69,9 @@ SPATIAL: dict[str, Callable[[Tensor], Tensor]] = {
 ROUTES = ("lut", "lut+instructbrush", "instructbrush")
 
 
-def _crops(photos: dict[str, np.ndarray], count: int, seed: int) -> list[tuple[str, Tensor]]:
-    """Random crops, 96-256 px, from the held-out photos."""
-    rng = np.random.default_rng(seed)
-    names = sorted(photos)
-    out = []
-    for i in range(count):
-        photo = photos[names[i % len(names)]]
-        height, width = photo.shape[:2]
-        side = int(rng.integers(96, min(256, height, width) + 1))
-        crop_h, crop_w = side, min(width, int(side * rng.uniform(0.75, 1.33)))
-        top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
-        crop = photo[top : top + crop_h, left : left + crop_w]
-        out.append((f"{names[i % len(names)]}-{seed}-{i}", torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 255))
-    return out
-
-
 def _category(model, name: str, transform, index: int, steps: int) -> dict:
     photos = sample_photos("heldout")
-    train, test = _crops(photos, 10, 300 + index), _crops(photos, 5, 400 + index)
+    train, test = crops(photos, 10, 300 + index), crops(photos, 5, 400 + index)
     pairs = [InstructionPair(pid, tensor_to_pil(x), tensor_to_pil(transform(x[None])[0]), f"{i:064x}")
              for i, (pid, x) in enumerate(train)]
     sources = [tensor_to_pil(x) for _, x in test]
@@ -118,10 +98,10 @@ def _speed(model, steps: int, repeats: int) -> dict:
     photos = sample_photos("heldout")
     name = min(photos)
     photo = Image.fromarray(photos[name]).resize((3840, 2160), Image.BICUBIC)
-    crops = _crops(photos, 10, 500)
+    samples = crops(photos, 10, 500)
     transform = GLOBAL["warm_contrast"]
     pairs = [InstructionPair(pid, tensor_to_pil(x), tensor_to_pil(transform(x[None])[0]), f"{i:064x}")
-             for i, (pid, x) in enumerate(crops)]
+             for i, (pid, x) in enumerate(samples)]
     fit_s, lut = [], None
     for _ in range(repeats):
         started = time.perf_counter()
