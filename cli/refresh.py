@@ -49,6 +49,7 @@ def plain(uri: str) -> str:
 
 def summary_table(summary: dict) -> str:
     """The run summary for a person: where things are (plain paths), then one line per category."""
+    review = summary.get("review") or {}
     rows = [
         ("run", summary.get("run_id")),
         ("store", plain(str(summary.get("store_uri")))),
@@ -57,7 +58,8 @@ def summary_table(summary: dict) -> str:
         ("manifest", plain(str(summary.get("manifest_uri")))),
         ("partitions", ", ".join(f"{k} {v}" for k, v in (summary.get("partitions") or {}).items())),
         ("instructions", ", ".join(f"{k} {v}" for k, v in (summary.get("instructions") or {}).items())),
-        ("review", (summary.get("review") or {}).get("status", json.dumps(summary.get("review"), default=str))),
+        ("review", f"{review.get('outcome', '-')}; "
+                   + ", ".join(f"{k} {v}" for k, v in (review.get("review_status") or {}).items())),
         ("total time", f"{(summary.get('timings_s') or {}).get('total', '?')} s"),
     ]
     lines = [f"{label:<13} {value}" for label, value in rows]

@@ -240,7 +240,7 @@ SUMMARY = {
     "categories": {"warm": {"category": "warm", "items": 3, "qc_status": {"pass": 2, "flag": 1},
                             "instruction": "learned, route lut"}},
     "partitions": {"total": 1, "done": 1, "skipped": 0}, "instructions": {"learned": 1, "reused": 0},
-    "review": {"status": "approved"}, "timings_s": {"total": 1.5},
+    "review": {"outcome": "decided", "review_status": {"approved": 3}}, "timings_s": {"total": 1.5},
 }
 
 
@@ -252,6 +252,7 @@ def test_refresh_prints_a_table_with_plain_paths_or_json(tmp_path: Path, monkeyp
     table = runner.invoke(app, ["refresh", "--config", str(tmp_path / "c.yaml"), "--table"])
     assert table.exit_code == 0, table.output
     assert "/out/edited/run=r1" in table.stdout and "%3D" not in table.stdout
+    assert "decided; approved 3" in table.stdout
     assert any(line.split()[:5] == ["warm", "3", "2", "1", "0"] for line in table.stdout.splitlines())
     as_json = runner.invoke(app, ["refresh", "--config", str(tmp_path / "c.yaml"), "--json"])
     assert json.loads(as_json.stdout) == SUMMARY
