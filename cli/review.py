@@ -28,6 +28,7 @@ from flows.expire import expire_overdue_reviews
 from storage.run_layout import contact_sheet_key
 from storage.store import open_store
 from tasks.params import ReviewDecision
+from tasks.report import MAX_IDS_IN_DESCRIPTION
 from tasks.review import RUN_TAG_PREFIX, pending_rows, run_tag, summarise, verdicts_for
 
 review_app = typer.Typer(help="Human review of a refresh run: list what waits, approve, reject.")
@@ -149,6 +150,10 @@ def list_cmd(
             sheet = contact_sheet_key(run_id, category)
             if out.exists(sheet):
                 typer.echo(f"    contact sheet: {out.presigned_url(sheet, expires_s=link_expiry)}")
+            flagged = summary["flagged_ids"].get(category, [])
+            if flagged:
+                more = f" and {len(flagged) - MAX_IDS_IN_DESCRIPTION} more" if len(flagged) > MAX_IDS_IN_DESCRIPTION else ""
+                typer.echo(f"    flagged or failed: {', '.join(flagged[:MAX_IDS_IN_DESCRIPTION])}{more}")
 
 
 @review_app.command("approve")

@@ -77,6 +77,7 @@ def test_list_then_reject_ids_then_approve_passing_resumes_the_paused_run(prefec
         and "bags: fail 1, pass 2" in listing
         and "shoes: error 1, flag 1, pass 1" in listing
     )
+    assert "flagged or failed: bag-3" in listing  # the ids a reviewer should open first
     # A mistyped id is refused before anything is sent (it would have rejected the item it meant).
     assert outputs["typo"].exit_code == 2
     assert "run cli-1 has no pending item bag-9 (unknown id or already decided); nothing was sent" in (
