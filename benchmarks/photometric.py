@@ -9,8 +9,8 @@ Photos are split three ways so that nothing is scored on what tuned it:
 
 Categories are global grades built from editing/transforms.py (and three compositions). A good edit
 is the category's true grade; bad edits are what a broken learned stage produces: a red cast, a hue
-rotation, another category's grade, over-exposure, heavy blur and JPEG blockiness (the last four on
-top of the true grade). A bad edit counts as caught when QC flags or fails it; a good one when it
+rotation, a local red cast (a red face on an intact photo), another category's grade, over-exposure,
+heavy blur and JPEG blockiness (all but the other grade on top of the true grade). A bad edit counts as caught when QC flags or fails it; a good one when it
 passes. QC runs with `expected` = the category's LUT applied to the source, as the pipeline will.
 
 Threshold rule (printed with the figures it came from): a grid search over the two flag thresholds
@@ -110,6 +110,15 @@ def _hue_rotation(x: Tensor, degrees: float) -> Tensor:
     return torch.einsum("oc,chw->ohw", rotation, x).clamp(0, 1)
 
 
+def _red_patch(x: Tensor) -> Tensor:
+    """A strong red cast inside a centred ellipse over ~15% of the frame: a red face on an intact photo."""
+    height, width = x.shape[-2:]
+    ys = torch.linspace(-1, 1, height).view(-1, 1)
+    xs = torch.linspace(-1, 1, width).view(1, -1)
+    inside = ((xs / 0.45) ** 2 + (ys / 0.45) ** 2 <= 1).to(x.dtype)
+    return x + inside * (_gains(x, (1.3, 0.85, 0.85)) - x)
+
+
 def _over_exposed(x: Tensor, stops: float = 1.0) -> Tensor:
     linear = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4) * 2**stops
     linear = linear.clamp(0, 1)
@@ -124,6 +133,7 @@ def _jpeg(x: Tensor, quality_level: int = 8) -> Tensor:
 
 BAD_EDITS: dict[str, Callable[[Tensor], Tensor]] = {
     "red cast": lambda true: _gains(true, (1.12, 0.95, 0.95)),
+    "red patch (local cast)": _red_patch,
     "hue rotation 20deg": lambda true: _hue_rotation(true, 20),
     "over-exposure +1 EV": _over_exposed,
     "heavy blur": lambda true: _fn("blur")(true[None])[0],
@@ -324,7 +334,7 @@ def contact_sheet(items: list[dict], path: str) -> None:
     the true grade, the fitted LUT, and two bad edits of the true grade."""
     picks = [item for item in items if item["category"] in ("warm_contrast", "sepia", "faded_cool")]
     columns = {"before": "source", "true": "true", "LUT": "expected"}
-    bad_columns = ("red cast", "hue rotation 20deg")
+    bad_columns = ("red cast", "red patch (local cast)", "hue rotation 20deg")
     width, label = 220, 14
     thumbs = []
     for item in picks:
