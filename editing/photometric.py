@@ -43,8 +43,9 @@ editing/transforms.py and compositions of them; "mean / worst" over the grades):
 
 Application: Pillow's native `ImageFilter.Color3DLUT` (fixed-point trilinear in C, releases the GIL)
 for 8-bit images, torch `grid_sample` for float tensors; the two agree within 1/255 (tested).
-On a 3840x2160 photo Pillow took 0.23-0.25 s on one core and 0.18 s as two strips on two threads,
-`grid_sample` 0.85-0.96 s (two threads, shared machine); benchmarks/photometric.py re-measures.
+On a 3840x2160 photo (shared 2-core machine) Pillow took 0.23-0.31 s in one pass and 0.18 s as two
+strips on two threads while a core was free (0.32 s when other jobs held it), `grid_sample` 0.85-1.39 s
+on two threads; benchmarks/photometric.py re-measures.
 """
 
 from __future__ import annotations
