@@ -31,6 +31,12 @@ LENIENT_QC = QCConfig(
     flag_clipped_fraction=1,
     fail_clipped_fraction=1,
     fail_output_std=0,
+    # A 2-step instruction on a random model is nowhere near its LUT's colours; these tests are about
+    # failures of the pipeline, not of the edit.
+    flag_deltae2000_mean=100,
+    fail_deltae2000_mean=100,
+    flag_deltae2000_p95=100,
+    fail_deltae2000_p95=100,
 )
 SIDE = 40
 
