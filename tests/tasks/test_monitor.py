@@ -111,8 +111,11 @@ def test_run_table_artifact_keeps_one_version_per_night(recorded):
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
     rows = [json.loads(a.data)[0] if isinstance(a.data, str) else a.data[0] for a in artifacts]
-    assert sorted(r["run_id"] for r in rows) == sorted(NIGHTS)
-    assert {r["run_id"]: r["qc_flag"] for r in rows} == {NIGHTS[0]: 2, NIGHTS[1]: 5}
+    # The Prefect test server is shared by the session: other tests' refresh runs publish versions of
+    # the same artifact, so count this module's nights only.
+    ours = [r for r in rows if r["run_id"] in NIGHTS]
+    assert sorted(r["run_id"] for r in ours) == sorted(NIGHTS)
+    assert {r["run_id"]: r["qc_flag"] for r in ours} == {NIGHTS[0]: 2, NIGHTS[1]: 5}
     assert all(a.type == "table" for a in artifacts)
 
 
