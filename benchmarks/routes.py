@@ -139,7 +139,9 @@ def main() -> None:
     for index, name in enumerate(args.categories.split(",")):
         rows.append(_category(model, name, transforms[name], index, args.steps))
         row = rows[-1]
-        print(f"  {name}: auto -> {row['auto_route']} ({row['auto_choose_s']:.0f} s to learn)", flush=True)
+        figures = ", ".join(f"{c} {row[c]['psnr']:.2f} dB / dE {row[c]['deltae2000_mean']:.2f}"
+                            for c in ("identity", *ROUTES, "auto"))
+        print(f"  {name}: auto -> {row['auto_route']} ({row['auto_choose_s']:.0f} s to learn); {figures}", flush=True)
     columns = ("identity", *ROUTES, "auto")
     print("\nPSNR dB / mean CIEDE2000 against the true edit (5 held-out crops per category)")
     print("| category | kind | " + " | ".join(columns) + " | auto route | auto - best |")
