@@ -77,21 +77,28 @@ def test_category_rows_carry_qc_errors_instruction_and_review(recorded):
     assert soft["contact_sheet_uri"] == store.uri_for(f"edited/run={NIGHTS[1]}/contact-sheets/soft-matte.png")
 
 
-def _events(count: int, timeout_s: float = 120) -> list:
-    """The test API's `catalogue.refresh.completed` events (persisted asynchronously), oldest first."""
-    from prefect.events.filters import EventFilter, EventNameFilter
+def _events(runs: list[str], timeout_s: float = 120) -> list:
+    """This module's `catalogue.refresh.completed` events, one per run in `runs`, oldest first.
 
+    Events are persisted asynchronously, and the session's test server also holds the events of other
+    tests' refresh runs: wait until every one of `runs` has its event, not just for enough events.
+    """
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    wanted = {f"catalogue.run.{run}" for run in runs}
     deadline = time.monotonic() + timeout_s
     while True:
         with get_client(sync_client=True) as client:
-            events = client.read_events(filter=EventFilter(event=EventNameFilter(name=[EVENT])), limit=50).events
-        if len(events) >= count or time.monotonic() > deadline:
-            return sorted(events, key=lambda e: e.occurred)
+            events = client.read_events(filter=EventFilter(
+                event=EventNameFilter(name=[EVENT]), resource=EventResourceFilter(id=sorted(wanted))), limit=50).events
+        ours = [e for e in events if e.resource.id in wanted]
+        if {e.resource.id for e in ours} == wanted or time.monotonic() > deadline:
+            return sorted(ours, key=lambda e: e.occurred)
         time.sleep(1)
 
 
 def test_event_reaches_the_api_with_counts_rates_and_the_jump(recorded):
-    events = [e for e in _events(2) if e.resource.id.removeprefix("catalogue.run.") in NIGHTS]
+    events = _events(NIGHTS)
     assert [e.resource.id for e in events] == [f"catalogue.run.{run}" for run in NIGHTS]
     first, second = (e.payload for e in events)
     assert first == recorded["nights"][0]["payload"]
@@ -137,7 +144,7 @@ def test_documented_automation_fires_on_the_jump_night_only(recorded):
         action["block_document_id"] = str(uuid.uuid4())  # the docs name a placeholder
     automation = AutomationCore.model_validate(spec)
     trigger = EventTrigger.model_validate(automation.trigger.model_dump())
-    events = [e for e in _events(2) if e.resource.id.removeprefix("catalogue.run.") in NIGHTS]
+    events = _events(NIGHTS)
     covered = [trigger.covers(ReceivedEvent.model_validate(e.model_dump())) for e in events]
     assert covered == [False, True]
 
