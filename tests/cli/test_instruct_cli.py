@@ -35,8 +35,7 @@ def test_learn_then_apply_skips_the_corrupt_photo_and_writes_the_rest(tmp_path: 
         folder.mkdir(parents=True)
         before = _photo(i, (40, 32))
         before.save(folder / "before.png")
-        after = np.asarray(before).astype(float) * np.array([1.1, 1.0, 0.8])
-        Image.fromarray(after.clip(0, 255).astype(np.uint8)).save(folder / "after.jpg")
+        _warm(before).save(folder / "after.jpg")
     (root / "exemplars" / "warm" / "p9").mkdir()
     (root / "exemplars" / "warm" / "p9" / "before.png").write_bytes(b"")  # missing after: a problem
     photos = tmp_path / "photos"
