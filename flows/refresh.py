@@ -15,11 +15,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
+from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, task, unmapped
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.futures import wait
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, Crashed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.learn import learn_instructions
@@ -33,6 +38,12 @@ from tasks.monitor import record_run
 from tasks.params import PartitionJob, RefreshConfig
 from tasks.report import report_category, write_run_summary
 from tasks.review import run_tag
+
+# A partition whose runs keep crashing (a poison input that kills the process) stops being resent.
+MAX_DISPATCHES = 3
+# Seconds between two looks at a partition run on the pool: two API calls per look and partition.
+POLL_S = 5
+HEARTBEAT = "prefect.flow-run.heartbeat"
 
 
 @flow(name="catalogue-refresh", on_completion=[release_run_lease], on_failure=[release_run_lease],
@@ -50,8 +61,8 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
         instructions = learn_once(config)
     with stage(timings, "edit"):
         jobs = [partition_job(config, run_id, name, items, instructions) for name, items in partitions.items()]
-        edited = edit_partitions.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.workers))(
-            jobs, config.gpu_work_pool, config.partition_deployment)
+        edited = edit_partitions.with_options(task_runner=ThreadPoolTaskRunner(max_workers=in_flight(config, len(jobs))))(
+            jobs, config.gpu_work_pool, config.partition_deployment, config.partition_silence_s)
     with stage(timings, "report"):
         categories = sorted({item["category"] for items in partitions.values() for item in items})
         reports = report_category.with_options(**RESUMABLE).map(
@@ -77,7 +88,8 @@ def learn_once(config: RefreshConfig) -> dict[str, dict]:
 
 
 @flow(name="edit-partitions")
-def edit_partitions(jobs: list[PartitionJob], gpu_work_pool: str | None, deployment: str) -> list[dict]:
+def edit_partitions(jobs: list[PartitionJob], gpu_work_pool: str | None, deployment: str,
+                    silence_s: int = 120) -> list[dict]:
     """One task per partition: in this process by default, as deployment runs on a GPU pool if set.
 
     Every partition is waited for before a failure is raised, so one bad partition does not stop
@@ -85,7 +97,7 @@ def edit_partitions(jobs: list[PartitionJob], gpu_work_pool: str | None, deploym
     """
     if gpu_work_pool:
         check_partition_deployment(deployment, gpu_work_pool)
-        futures = edit_partition_on_pool.map(jobs, unmapped(deployment))
+        futures = edit_partition_on_pool.map(jobs, unmapped(deployment), unmapped(silence_s))
     else:
         futures = edit_partition.map(jobs)
     wait(futures)
@@ -102,21 +114,85 @@ def refresh_partition(job: PartitionJob) -> dict:
 
 
 @task(retries=1, retry_delay_seconds=[30], **RESUMABLE)
-def edit_partition_on_pool(job: PartitionJob, deployment: str) -> dict:
+def edit_partition_on_pool(job: PartitionJob, deployment: str, silence_s: int = 120) -> dict:
     """Run one partition as a run of the partition deployment and wait for it; returns its summary.
 
     A partition with a completion marker is not sent to the pool again: a re-run would otherwise
-    start (and wait for) one GPU flow run per finished partition just to skip it.
+    start (and wait for) one GPU flow run per finished partition just to skip it. A run whose worker
+    was lost is marked Crashed (`wait_for_partition_run`) and the partition is sent again, to
+    whichever worker takes it: the new run skips nothing it should not, since only a finished
+    partition has a marker, and rewrites the lost run's outputs into the same keys.
     """
     out = open_store(job.output_uri)
     marker = done_key(job.run_id, job.partition)
     if out.exists(marker):
         return {**json.loads(out.get_bytes(marker)), "skipped": True}
-    run = run_deployment(deployment, parameters={"job": job.model_dump(mode="json")}, timeout=None,
-                         tags=[run_tag(job.run_id)])
-    if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"partition {job.partition}: flow run {run.name} ended {run.state_name}")
-    return {**json.loads(out.get_bytes(marker)), "skipped": False}
+    for dispatch in range(1, MAX_DISPATCHES + 1):
+        run = run_deployment(deployment, parameters={"job": job.model_dump(mode="json")}, timeout=0,
+                             tags=[run_tag(job.run_id)])
+        run = wait_for_partition_run(run.id, silence_s)
+        if run.state.is_completed():
+            return {**json.loads(out.get_bytes(marker)), "skipped": False}
+        if not run.state.is_crashed():
+            raise RuntimeError(f"partition {job.partition}: flow run {run.name} ended {run.state_name}")
+        get_run_logger().warning("partition %s: flow run %s crashed (%s); sending the partition again "
+                                 "(dispatch %d of %d)", job.partition, run.name, run.state.message,
+                                 dispatch + 1, MAX_DISPATCHES)
+    raise RuntimeError(f"partition {job.partition}: {MAX_DISPATCHES} flow runs crashed in a row")
+
+
+
+def wait_for_partition_run(flow_run_id: UUID, silence_s: float) -> FlowRun:
+    """The partition run once it is final; a run its worker lost is marked Crashed first.
+
+    A run a worker has taken (Pending, Running, Cancelling) proves it is alive by changing state or
+    by sending flow-run heartbeats (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, set on the partition
+    deployment). One that does neither for `silence_s` (a SIGKILLed or vanished worker: nothing is
+    left to report it) is marked Crashed here, or Cancelled if someone had asked to cancel it.
+    Silence is measured on this process's own clock, so clock skew between machines does not count.
+    A run still waiting in the pool's queue (Scheduled, Late) is waited for without a bound: it waits
+    for capacity, not for a dead worker, and Prefect shows it as Late.
+    """
+    seen, since = None, time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            taken = run.state is not None and run.state.type in (StateType.PENDING, StateType.RUNNING,
+                                                                   StateType.CANCELLING)
+            sign = (run.state.id, last_heartbeat(client, flow_run_id)) if taken else None
+            if sign != seen:
+                seen, since = sign, time.monotonic()
+            elif taken and time.monotonic() - since > silence_s:
+                give_up = Cancelled if run.state.type == StateType.CANCELLING else Crashed
+                message = (f"no heartbeat or state change for {time.monotonic() - since:.0f} s while "
+                           f"{run.state_name}: its worker was lost")
+                get_run_logger().warning("flow run %s: %s; marking it %s", run.name, message, give_up.__name__)
+                client.set_flow_run_state(flow_run_id, give_up(message=message), force=True)
+                continue
+            time.sleep(POLL_S)
+
+
+def last_heartbeat(client: SyncPrefectClient, flow_run_id: UUID) -> UUID | None:
+    """The id of the newest heartbeat event of the flow run, if any."""
+    page = client.read_events(EventFilter(event=EventNameFilter(name=[HEARTBEAT]),
+                                          resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"])),
+                              limit=1)
+    return page.events[0].id if page.events else None
+
+
+def in_flight(config: RefreshConfig, partitions: int) -> int:
+    """How many partitions are worked on at once: `workers` threads in this process, or on the pool
+    path `pool_in_flight`, else the pool's concurrency limit, else every partition (the workers'
+    own `--limit` then decides how many run; the rest wait in the pool's queue)."""
+    if not config.gpu_work_pool:
+        return config.workers
+    if config.pool_in_flight:
+        return config.pool_in_flight
+    with get_client(sync_client=True) as client:
+        limit = client.read_work_pool(config.gpu_work_pool).concurrency_limit
+    return max(1, limit or partitions)
 
 
 def check_partition_deployment(deployment: str, work_pool: str) -> None:

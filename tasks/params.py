@@ -252,7 +252,8 @@ class RefreshConfig(_Config):
         "shipped tiny model.")
     device: str = Field("cpu", description="torch device of the model step, e.g. cpu or cuda.")
     workers: int = Field(2, ge=1, le=64, description="Partitions processed at once in this process "
-                         "(I/O and QC overlap; the model step itself runs one batch at a time).")
+                         "(I/O and QC overlap; the model step itself runs one batch at a time). Not used "
+                         "when gpu_work_pool is set: see pool_in_flight.")
     model_slot: str | None = Field(
         None, description="Prefect global concurrency limit held around every model call (create it "
         "with `prefect gcl create NAME --limit N`); empty = no server-side slot.")
@@ -261,6 +262,17 @@ class RefreshConfig(_Config):
         "(GPU workers elsewhere) instead of in this process.")
     partition_deployment: str = Field(
         "refresh-partition/gpu", description="The deployment started per partition when gpu_work_pool is set.")
+    pool_in_flight: int | None = Field(
+        None, ge=1, le=1000,
+        description="gpu_work_pool only: partitions sent to the pool at once. Empty = the pool's concurrency "
+        "limit (`prefect work-pool set-concurrency-limit`), or every partition if the pool has none (the "
+        "workers' --limit then decides how many run, the rest wait in the pool's queue).")
+    partition_silence_s: int = Field(
+        120, ge=45, le=3600,
+        description="gpu_work_pool only: a partition run taken by a worker that sends no heartbeat and "
+        "changes no state for this long is marked Crashed and sent to the pool again (its worker was "
+        "lost). Heartbeats come every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30 on the partition "
+        "deployment, Prefect's minimum); keep this above the time a worker needs to start a run.")
     learn: LearnParams = Field(default_factory=LearnParams, description="Instruction learning.")
     apply: ApplyParams = Field(default_factory=ApplyParams, description="Applying instructions to the catalogue.")
     qc: QCConfig = Field(default_factory=QCConfig, description="Quality-check thresholds.")
