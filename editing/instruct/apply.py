@@ -16,6 +16,7 @@ from editing.instruct.artifact import LearnedInstruction, check_model_binding
 from editing.instruct.kv import InjectionState, InstructionKV, instruction_processors
 from editing.instruct.ops import channels_last, pil_to_tensor, tensor_to_pil, to_native
 from editing.lift import lift_edit
+from editing.light_field import apply_light_field
 from editing.metrics import psnr
 from editing.models import DTypeName, native_resolution
 from editing.photometric import apply_lut
@@ -176,6 +177,13 @@ def choose_guidance(
     }
 
 
+def photometric_output(instruction: LearnedInstruction, image: Image.Image) -> Image.Image:
+    """The instruction's photometric stage on one photo at its own resolution: the LUT, then the
+    light field when one was fitted."""
+    out = apply_lut(instruction.lut, image.convert("RGB"))
+    return apply_light_field(instruction.light_field, out) if instruction.light_field is not None else out
+
+
 def apply_instruction(
     model,
     instruction: LearnedInstruction,
@@ -185,8 +193,9 @@ def apply_instruction(
 ) -> list[Image.Image]:
     """Apply a learned instruction to images of any size; one output per input, same size.
 
-    The instruction's route decides the stages. Its LUT (routes `lut`, `lut+instructbrush`) applies
-    at each photo's own resolution, exactly; the learned stage (routes `lut+instructbrush`,
+    The instruction's route decides the stages. Its photometric stage (routes `lut`,
+    `lut+instructbrush`: the LUT, then its light field if it has one) applies at each photo's own
+    resolution, exactly; the learned stage (routes `lut+instructbrush`,
     `instructbrush`) edits the result `batch_size` images at a time at the model's native size, with
     the instruction's K/V computed once, and `lift_edit` carries that edit back to each photo's
     resolution. A LUT-only instruction never touches the model (`model` may be None).
@@ -199,7 +208,7 @@ def apply_instruction(
     if not instruction.applicable:
         raise ValueError(f"instruction {instruction.category!r} was loaded photometric_only: load it with the model")
     if instruction.photometric_stage:
-        images = [apply_lut(instruction.lut, image.convert("RGB")) for image in images]
+        images = [photometric_output(instruction, image) for image in images]
     if not instruction.learned_stage:
         return list(images)
     check_model_binding(instruction.metadata, instruction.model_id, instruction.model_sha256, model)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from editing.instruct.kv import SPACES, InstructionKV, cross_attention_layers
 from editing.instruct.ops import count_instruction_tokens, encode_text
+from editing.light_field import LightField, field_from_tensors, field_tensors
 from editing.photometric import Lut, lut_from_tensors, lut_tensors
 
 ARTIFACT_FORMAT = "catalogue-retouch/instruction"
@@ -27,6 +28,7 @@ ARTIFACT_VERSION = 1
 # stage alone. Every instruction carries its fitted LUT (QC compares outputs with LUT(source)).
 ROUTES = ("lut", "lut+instructbrush", "instructbrush")
 LUT_PREFIX = "lut."
+FIELD_PREFIX = "field."
 
 
 class InstructionModelMismatch(ValueError):
@@ -68,6 +70,7 @@ class LearnedInstruction:
     sha256: str = ""
     route: str = "instructbrush"
     lut: Lut | None = None
+    light_field: LightField | None = None
 
     @property
     def applicable(self) -> bool:
@@ -81,7 +84,7 @@ class LearnedInstruction:
 
     @property
     def photometric_stage(self) -> bool:
-        """Whether applying it starts with its LUT."""
+        """Whether applying it starts with its photometric stage (the LUT, then the light field if any)."""
         return self.route in ("lut", "lut+instructbrush")
 
     def bank(self, pipe) -> InstructionKV:
@@ -162,12 +165,19 @@ def save_instruction(instruction: LearnedInstruction) -> tuple[bytes, dict]:
         tensors["context"] = instruction.context
     if instruction.lut is not None:
         tensors.update(lut_tensors(instruction.lut, LUT_PREFIX))
+    if instruction.light_field is not None:
+        if not instruction.photometric_stage:
+            raise ValueError(f"route {instruction.route!r} has no photometric stage to carry a light field")
+        tensors.update(field_tensors(instruction.light_field, FIELD_PREFIX))
     data = safetensors.torch.save({k: v.detach().contiguous().float().cpu() for k, v in tensors.items()})
     metadata = copy.deepcopy(instruction.metadata)
     metadata.update(
         route=instruction.route,
         lut_size=int(instruction.lut.size) if instruction.lut is not None else None,
     )
+    metadata.pop("light_field_grid", None)
+    if instruction.light_field is not None:
+        metadata["light_field_grid"] = int(instruction.light_field.grid)
     metadata.update(
         format=ARTIFACT_FORMAT,
         version=ARTIFACT_VERSION,
@@ -237,6 +247,25 @@ def _split_lut(tensors: dict[str, Tensor], metadata: dict) -> Lut | None:
     return lut
 
 
+def _split_field(tensors: dict[str, Tensor], metadata: dict) -> LightField | None:
+    """Take the light field's tensors out of `tensors` and check them against the metadata's grid."""
+    names = [k for k in tensors if k.startswith(FIELD_PREFIX)]
+    if not names:
+        if metadata.get("light_field_grid") is not None:
+            raise InstructionIntegrityError("instruction metadata names a light field the artifact lacks")
+        return None
+    try:
+        light_field = field_from_tensors({k: tensors.pop(k) for k in names}, FIELD_PREFIX)
+    except ValueError as exc:
+        raise InstructionIntegrityError(f"instruction light field unreadable: {exc}") from None
+    if len(names) != 2 or light_field.grid != metadata.get("light_field_grid"):
+        raise InstructionIntegrityError(
+            f"instruction light field is {light_field.grid}x{light_field.grid} with tensors {sorted(names)}, "
+            f"metadata says light_field_grid={metadata.get('light_field_grid')!r}"
+        )
+    return light_field
+
+
 def load_instruction(
     data: bytes, metadata: dict, model=None, *, photometric_only: bool = False
 ) -> LearnedInstruction:
@@ -261,6 +290,9 @@ def load_instruction(
         raise InstructionIntegrityError(f"instruction route {route!r} is not one of {ROUTES}")
     tensors = safetensors.torch.load(data)
     lut = _split_lut(tensors, metadata)
+    light_field = _split_field(tensors, metadata)
+    if light_field is not None and route == "instructbrush":
+        raise InstructionIntegrityError("an instructbrush instruction has no photometric stage for its light field")
     if route != "instructbrush" and lut is None:
         raise InstructionIntegrityError(f"instruction route {route!r} needs a LUT and the artifact has none")
     if route == "lut" and tensors:
@@ -287,4 +319,5 @@ def load_instruction(
         sha256=metadata["content_sha256"],
         route=route,
         lut=lut,
+        light_field=light_field,
     )

@@ -28,11 +28,19 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from editing.instruct.apply import ApplyConfig, apply_instruction
+from editing.instruct.apply import ApplyConfig, apply_instruction, photometric_output
 from editing.instruct.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, LearnedInstruction
 from editing.instruct.init import Scorer
 from editing.instruct.learn import InstructionPair, LearnConfig, learn_instruction
 from editing.instruct.ops import pil_to_tensor
+from editing.light_field import (
+    GRID,
+    LightField,
+    apply_light_field,
+    choose_light_field,
+    fit_light_field,
+    remove_light_field,
+)
 from editing.metrics import psnr
 from editing.photometric import LUT_SIZE, Lut, apply_lut, fit_lut
 from editing.quality import QCThresholds, deltae2000, reference_shift
@@ -40,6 +48,7 @@ from editing.seeds import item_seed
 
 RouteName = Literal["auto", "lut", "lut+instructbrush", "instructbrush"]
 LEARNED_ROUTES = ("lut+instructbrush", "instructbrush")
+FIELD_REFINEMENTS = 3
 
 
 class RouteConfig(BaseModel):
@@ -59,6 +68,11 @@ class RouteConfig(BaseModel):
         0.5, ge=0, le=20, description="a learned route must beat the LUT alone by this much PSNR (auto)"
     )
     seed: int = Field(0, ge=0, description="seeds the held-out split")
+    light_field: bool = Field(
+        True, description="fit a light field under the LUT (a vignette, a dodge or burn in a fixed place of "
+        "the frame) when leaving each pair out shows it gains margin_db"
+    )
+    light_field_grid: int = Field(GRID, ge=2, le=33, description="lattice points per axis of the light field")
 
 
 def score(outputs: Sequence[Image.Image], truths: Sequence[Image.Image]) -> dict[str, float]:
@@ -76,8 +90,46 @@ def score(outputs: Sequence[Image.Image], truths: Sequence[Image.Image]) -> dict
             "deltae2000_p95": round(float(np.mean(p95s)), 3)}
 
 
-def lut_instruction(model, lut: Lut, pairs: Sequence[InstructionPair], category: str) -> LearnedInstruction:
-    """An instruction that is its LUT alone: nothing learned, nothing run on the model."""
+@dataclasses.dataclass
+class PhotometricStage:
+    """The colour LUT, the light field under it (None when the pairs show none) and the field's figures."""
+
+    lut: Lut
+    light_field: LightField | None
+    report: dict
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        out = apply_lut(self.lut, image.convert("RGB"))
+        return apply_light_field(self.light_field, out) if self.light_field is not None else out
+
+
+def fit_photometric(pairs: Sequence[InstructionPair], route_config: RouteConfig) -> PhotometricStage:
+    """The photometric stage of `pairs`: a LUT, and a light field when leaving each pair out shows one
+    helps. With a field the two are refined in turn (the LUT refitted on the afters with the field
+    taken out, the field on the new LUT's output), since a LUT fitted through a vignette learns the
+    vignette's average darkening as a colour change."""
+    befores = [p.before.convert("RGB") for p in pairs]
+    afters = [p.after.convert("RGB") for p in pairs]
+    lut = fit_lut(list(zip(befores, afters, strict=True)), size=route_config.lut_size)
+    if not route_config.light_field:
+        return PhotometricStage(lut, None, {"used": False, "reason": "light_field disabled"})
+    light_field, report = choose_light_field(
+        [(apply_lut(lut, b), a) for b, a in zip(befores, afters, strict=True)],
+        grid=route_config.light_field_grid, margin_db=route_config.margin_db,
+    )
+    if light_field is not None:
+        for _ in range(FIELD_REFINEMENTS):
+            unlit = [remove_light_field(light_field, a) for a in afters]
+            lut = fit_lut(list(zip(befores, unlit, strict=True)), size=route_config.lut_size)
+            light_field = fit_light_field([(apply_lut(lut, b), a) for b, a in zip(befores, afters, strict=True)],
+                                          grid=route_config.light_field_grid)
+    return PhotometricStage(lut, light_field, report)
+
+
+def lut_instruction(
+    model, lut: Lut, pairs: Sequence[InstructionPair], category: str, light_field: LightField | None = None
+) -> LearnedInstruction:
+    """An instruction that is its photometric stage alone: nothing learned, nothing run on the model."""
     metadata = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,
@@ -88,26 +140,22 @@ def lut_instruction(model, lut: Lut, pairs: Sequence[InstructionPair], category:
     return LearnedInstruction(
         category=category, space="none", instruction="", num_tokens=0, num_groups=0, context=None,
         tensors={}, model_id=model.model_id, model_sha256=model.sha256, metadata=metadata, route="lut",
-        lut=lut,
+        lut=lut, light_field=light_field,
     )
 
 
 def _learn_route(
-    model, pairs: Sequence[InstructionPair], lut: Lut, route: str, config: LearnConfig, category: str,
-    scorer: Scorer | None,
+    model, pairs: Sequence[InstructionPair], stage: PhotometricStage, route: str, config: LearnConfig,
+    category: str, scorer: Scorer | None,
 ) -> LearnedInstruction:
     if route == "lut":
-        return lut_instruction(model, lut, pairs, category)
+        return lut_instruction(model, stage.lut, pairs, category, stage.light_field)
     if route == "lut+instructbrush":
-        pairs = [InstructionPair(p.pair_id, apply_lut(lut, p.before.convert("RGB")), p.after, p.sha256)
-                 for p in pairs]
+        pairs = [InstructionPair(p.pair_id, stage(p.before), p.after, p.sha256) for p in pairs]
     learned = learn_instruction(model, pairs, config, category=category, scorer=scorer)
-    learned.route, learned.lut = route, lut
+    learned.route, learned.lut = route, stage.lut
+    learned.light_field = stage.light_field if route == "lut+instructbrush" else None
     return learned
-
-
-def _fit(pairs: Sequence[InstructionPair], size: int) -> Lut:
-    return fit_lut([(p.before.convert("RGB"), p.after.convert("RGB")) for p in pairs], size=size)
 
 
 def choose_route(
@@ -122,17 +170,17 @@ def choose_route(
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(route_config.seed)).tolist()
     held_out = [pairs[i] for i in order[:held]]
     train = [pairs[i] for i in order[held:]]
-    lut = _fit(train, route_config.lut_size)
+    stage = fit_photometric(train, route_config)
     truths = [p.after for p in held_out]
     befores = [p.before.convert("RGB") for p in held_out]
-    scores = {"identity": score(befores, truths), "lut": score([apply_lut(lut, b) for b in befores], truths)}
+    scores = {"identity": score(befores, truths), "lut": score([stage(b) for b in befores], truths)}
     apply_config = ApplyConfig(dtype=model.dtype)
     starts = {}
     for route in LEARNED_ROUTES:
-        stage = _learn_route(model, train, lut, route, config, category, scorer)
-        starts[route] = stage.instruction  # the phrase it started from
+        learned = _learn_route(model, train, stage, route, config, category, scorer)
+        starts[route] = learned.instruction  # the phrase it started from
         seeds = [item_seed("route", p.pair_id, category) for p in held_out]
-        scores[route] = score(apply_instruction(model, stage, befores, apply_config, seeds), truths)
+        scores[route] = score(apply_instruction(model, learned, befores, apply_config, seeds), truths)
     best = max(LEARNED_ROUTES, key=lambda r: scores[r]["psnr"])
     gain = scores[best]["psnr"] - scores["lut"]["psnr"]
     chosen = best if gain >= route_config.margin_db else "lut"
@@ -165,28 +213,30 @@ def learn_routed(
     if route_config.route == "auto":
         choice = choose_route(model, pairs, config, route_config, category, scorer)
     # 3. the photometric stage on all pairs, then the chosen route on all pairs
-    lut = _fit(pairs, route_config.lut_size)
+    stage = fit_photometric(pairs, route_config)
     if choice.get("init_instruction") and config.init_instruction is None:
         # The phrase search already ran for this route on the training pairs: start from its choice
         # rather than search the phrase bank a third time.
         config = config.model_copy(update={"init_instruction": choice["init_instruction"]})
-    instruction = _learn_route(model, pairs, lut, choice["route"], config, category, scorer)
-    # 4. what QC compares with: the exemplars' colour shift, and what the LUT leaves on them (the colour
-    #    difference a learned stage is expected to add)
-    residual = score([apply_lut(lut, p.before.convert("RGB")) for p in pairs], [p.after for p in pairs])
+    instruction = _learn_route(model, pairs, stage, choice["route"], config, category, scorer)
+    # 4. what QC compares with: the exemplars' colour shift, and what the photometric stage leaves on
+    #    them (the colour difference a learned stage is expected to add)
+    residual = score([stage(p.before) for p in pairs], [p.after for p in pairs])
     instruction.metadata.update(
         reference_shift=reference_shift([(p.before, p.after) for p in pairs]),
         route_choice={**choice, "requested": route_config.route},
         route_config=route_config.model_dump(mode="json"),
         lut_fit=residual,
+        light_field=stage.report,
         route_wall_time_s=round(time.perf_counter() - started, 3),
     )
     return instruction
 
 
 def expected_output(instruction: LearnedInstruction, source: Image.Image) -> Image.Image | None:
-    """What the instruction's colour edit makes of `source` (its LUT applied), for the colour QC."""
-    return apply_lut(instruction.lut, source.convert("RGB")) if instruction.lut is not None else None
+    """What the instruction's photometric edit makes of `source` (its LUT, then its light field),
+    for the colour QC."""
+    return photometric_output(instruction, source) if instruction.lut is not None else None
 
 
 def qc_thresholds(instruction: LearnedInstruction, base: QCThresholds) -> QCThresholds:

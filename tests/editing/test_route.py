@@ -17,6 +17,8 @@ from editing.instruct import (
     load_instruction,
     save_instruction,
 )
+from editing.instruct.artifact import _content_hash
+from editing.instruct.route import expected_output
 from editing.models import load_model
 from editing.photometric import apply_lut
 
@@ -92,8 +94,6 @@ def test_lut_then_learned_stage_edits_the_lut_output(model, pairs):
 def test_a_lut_of_another_size_than_recorded_is_refused(model, pairs):
     learned = learn_routed(model, pairs, LearnConfig(**FAST), RouteConfig(route="lut", lut_size=9), "warm")
     data, metadata = save_instruction(learned)
-    from editing.instruct.artifact import _content_hash
-
     forged = {**metadata, "lut_size": 17}
     forged["content_sha256"] = _content_hash(data, forged)
     with pytest.raises(InstructionIntegrityError, match="lut_size=17"):
@@ -103,3 +103,40 @@ def test_a_lut_of_another_size_than_recorded_is_refused(model, pairs):
 def test_too_few_pairs_to_hold_any_back_choose_the_lut(model, pairs):
     learned = learn_routed(model, pairs[:3], LearnConfig(**FAST), RouteConfig(lut_size=9), "warm")
     assert learned.route == "lut" and "too few" in learned.metadata["route_choice"]["reason"]
+
+
+def _vignette(image: Image.Image) -> Image.Image:
+    """A global grade, then darker corners: colour alone cannot explain it."""
+    x = np.asarray(_grade(image), dtype=np.float64) / 255.0
+    ys, xs = np.mgrid[-1 : 1 : x.shape[0] * 1j, -1 : 1 : x.shape[1] * 1j]
+    return Image.fromarray(((x * (1 - 0.6 * (xs**2 + ys**2) / 2)[..., None]).clip(0, 1) * 255).round().astype(np.uint8))
+
+
+def test_a_vignette_gets_a_light_field_under_the_lut_that_round_trips(model):
+    photos = [_photo(i, size=(48 + 4 * i, 40)) for i in range(6)]
+    pairs = [InstructionPair(f"v{i}", b, _vignette(b), sha256=f"{i:064x}") for i, b in enumerate(photos)]
+    learned = learn_routed(model, pairs, LearnConfig(**FAST), RouteConfig(route="lut", lut_size=9), "vignette")
+    assert learned.light_field is not None and learned.metadata["light_field"]["used"] is True
+    data, metadata = save_instruction(learned)
+    assert metadata["light_field_grid"] == learned.light_field.grid
+    loaded = load_instruction(data, metadata, None)
+    photo = _photo(11, size=(123, 77))
+    [out] = apply_instruction(None, loaded, [photo], APPLY)
+    [colour_only] = apply_instruction(None, learn_routed(
+        model, pairs, LearnConfig(**FAST), RouteConfig(route="lut", lut_size=9, light_field=False), "vignette"
+    ), [photo], APPLY)
+    truth = np.asarray(_vignette(photo), float)
+    error = np.abs(np.asarray(out, float) - truth).mean()
+    assert error < 3 and error < np.abs(np.asarray(colour_only, float) - truth).mean() / 3
+    assert np.array_equal(np.asarray(out), np.asarray(expected_output(loaded, photo)))
+    forged = {**metadata}
+    del forged["light_field_grid"]
+    forged["content_sha256"] = _content_hash(data, forged)
+    with pytest.raises(InstructionIntegrityError, match="light field"):
+        load_instruction(data, forged, None)
+
+
+def test_a_global_grade_gets_no_light_field(model, pairs):
+    learned = learn_routed(model, pairs, LearnConfig(**FAST), RouteConfig(route="lut", lut_size=9), "warm")
+    assert learned.light_field is None and learned.metadata["light_field"]["used"] is False
+    assert "light_field_grid" not in save_instruction(learned)[1]

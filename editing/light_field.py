@@ -1,0 +1,200 @@
+"""A light field: the smooth, position-dependent part of a photometric edit that a colour LUT cannot
+hold (a vignette, a radial or graduated filter, a dodge or burn in a fixed place of the frame).
+
+The model is a per-pixel affine of each channel, shared by the three channels so that it changes
+light, not colour: ``out_c(p) = gain(p) * in_c(p) + offset(p)``, with `gain` and `offset` bilinear
+over a `grid` x `grid` lattice in normalised frame coordinates (so one field fits every aspect ratio
+and resolution, like a preset's radial filter). A vignette is a gain below 1 at the corners; a dodge
+(``x + w (1 - x)``) is exactly gain ``1 - w`` and offset ``w``.
+
+It is fitted in closed form by regularised least squares on pairs (the LUT's output, the
+retoucher's after) at a small working size, pulled towards identity and towards a smooth field;
+`choose_light_field` keeps it only when leave-one-pair-out scores say it helps on pairs it was not
+fitted on. Pure torch, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from editing.metrics import psnr
+
+GRID = 9
+WORK_SIZE = 64
+SMOOTHNESS = 1e-3
+RIDGE = 1e-5
+_CLIP = 1.5 / 255
+
+
+@dataclass
+class LightField:
+    """`gain` and `offset`, each (grid, grid), rows top to bottom, columns left to right."""
+
+    gain: Tensor
+    offset: Tensor
+
+    def __post_init__(self) -> None:
+        if self.gain.dim() != 2 or self.gain.shape != self.offset.shape or self.gain.shape[0] != self.gain.shape[1]:
+            raise ValueError(f"a light field is two (grid, grid) maps, got {tuple(self.gain.shape)} and "
+                             f"{tuple(self.offset.shape)}")
+        if self.gain.shape[0] < 2:
+            raise ValueError("a light field needs at least 2 nodes per axis")
+        if not (bool(torch.isfinite(self.gain).all()) and bool(torch.isfinite(self.offset).all())):
+            raise ValueError("a light field holds non-finite values")
+
+    @property
+    def grid(self) -> int:
+        return self.gain.shape[0]
+
+
+def _to_tensor(image: Image.Image | Tensor) -> Tensor:
+    if isinstance(image, Image.Image):
+        data = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+        return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255
+    return image.float()
+
+
+def _work(image: Image.Image | Tensor, size: int) -> Tensor:
+    """(3, h, w) float at most `size` px on its longer side (area average, aspect kept)."""
+    x = _to_tensor(image)
+    height, width = x.shape[-2:]
+    scale = size / max(height, width)
+    if scale >= 1:
+        return x
+    shape = (max(2, round(height * scale)), max(2, round(width * scale)))
+    return F.interpolate(x[None], size=shape, mode="area")[0]
+
+
+def _hat(length: int, grid: int) -> Tensor:
+    """(length, grid): the weights bilinear interpolation (align_corners) gives each lattice node."""
+    return F.interpolate(torch.eye(grid, dtype=torch.float64)[None], size=length, mode="linear",
+                         align_corners=True)[0].T
+
+
+def _basis(height: int, width: int, grid: int) -> Tensor:
+    """(height * width, grid * grid) bilinear basis; row p holds the weights of pixel p's four nodes."""
+    return torch.einsum("im,jn->ijmn", _hat(height, grid), _hat(width, grid)).reshape(height * width, grid * grid)
+
+
+def _second_differences(grid: int) -> Tensor:
+    """(n, grid * grid) second differences of a lattice map, along its rows and along its columns."""
+    rows = []
+    for i in range(grid):
+        for j in range(1, grid - 1):
+            for a, b, c in (((i, j - 1), (i, j), (i, j + 1)), ((j - 1, i), (j, i), (j + 1, i))):
+                row = torch.zeros(grid, grid, dtype=torch.float64)
+                row[a], row[b], row[c] = 1, -2, 1
+                rows.append(row.flatten())
+    return torch.stack(rows)
+
+
+def fit_light_field(
+    pairs: Sequence[tuple[Image.Image | Tensor, Image.Image | Tensor]],
+    grid: int = GRID,
+    smoothness: float = SMOOTHNESS,
+    work_size: int = WORK_SIZE,
+) -> LightField:
+    """The field that best maps each pair's input to its target (least squares over all channels of
+    all pixels at `work_size`, clipped target pixels left out), pulled towards identity by a small
+    ridge and towards a smooth field by `smoothness` times the data weight."""
+    if not pairs:
+        raise ValueError("fit_light_field needs at least one pair")
+    unknowns = grid * grid
+    normal = torch.zeros(2 * unknowns, 2 * unknowns, dtype=torch.float64)
+    rhs = torch.zeros(2 * unknowns, dtype=torch.float64)
+    count = 0
+    for index, (source, target) in enumerate(pairs):
+        x, y = _work(source, work_size).double(), _work(target, work_size).double()
+        if x.shape != y.shape:
+            raise ValueError(f"pair {index}: input {tuple(x.shape[-2:])} and target {tuple(y.shape[-2:])} differ in size")
+        basis = _basis(*x.shape[-2:], grid)
+        for channel in range(3):
+            xc, yc = x[channel].flatten(), y[channel].flatten()
+            keep = (yc > _CLIP) & (yc < 1 - _CLIP)
+            design = torch.cat([basis[keep] * xc[keep, None], basis[keep]], dim=1)
+            normal += design.T @ design
+            rhs += design.T @ (yc[keep] - xc[keep])
+            count += int(keep.sum())
+    scale = max(count, 1) / unknowns
+    differences = _second_differences(grid)
+    penalty = differences.T @ differences
+    regulariser = torch.block_diag(penalty, penalty) * smoothness * scale
+    regulariser += torch.eye(2 * unknowns, dtype=torch.float64) * RIDGE * scale
+    solution = torch.linalg.solve(normal + regulariser, rhs)
+    gain = 1 + solution[:unknowns].reshape(grid, grid)
+    offset = solution[unknowns:].reshape(grid, grid)
+    return LightField(gain.float(), offset.float())
+
+
+def apply_light_field(field: LightField, image: Image.Image | Tensor) -> Image.Image | Tensor:
+    """The field applied at the image's own resolution: a PIL image gives an 8-bit PIL image, a float
+    tensor (3, H, W) or (B, 3, H, W) a float tensor, clipped to [0, 1]."""
+    if isinstance(image, Image.Image):
+        out = apply_light_field(field, _to_tensor(image))
+        return Image.fromarray(out.mul(255).round().byte().permute(1, 2, 0).numpy())
+    if not isinstance(image, Tensor):
+        raise TypeError(f"apply_light_field takes a PIL image or a tensor, got {type(image).__name__}")
+    height, width = image.shape[-2:]
+    maps = torch.stack([field.gain, field.offset])[None].to(image.device, torch.float32)
+    gain, offset = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=True)[0]
+    return (image.float() * gain + offset).clamp(0, 1).to(image.dtype)
+
+
+def choose_light_field(
+    pairs: Sequence[tuple[Image.Image | Tensor, Image.Image | Tensor]],
+    grid: int = GRID,
+    margin_db: float = 0.5,
+    work_size: int = WORK_SIZE,
+) -> tuple[LightField | None, dict]:
+    """Fit a field on all pairs and keep it only if, leaving each pair out in turn, the field fitted
+    on the others raises that pair's PSNR by at least `margin_db` on average. Returns the field (or
+    None) and the figures: mean held-out PSNR without and with it, and the decision."""
+    if len(pairs) < 3:
+        return None, {"used": False, "reason": f"{len(pairs)} pairs: too few to check a light field on held-out pairs"}
+    without, with_field = [], []
+    scored = [(_work(s, 2 * work_size), _work(t, 2 * work_size)) for s, t in pairs]
+    for index, (source, target) in enumerate(scored):
+        others = [pair for i, pair in enumerate(scored) if i != index]
+        field = fit_light_field(others, grid=grid, work_size=work_size)
+        without.append(psnr(source, target))
+        with_field.append(psnr(apply_light_field(field, source), target))
+    mean_without, mean_with = sum(without) / len(without), sum(with_field) / len(with_field)
+    gain = mean_with - mean_without
+    used = gain >= margin_db
+    report = {
+        "used": used, "grid": grid, "held_out_psnr_without": round(mean_without, 3),
+        "held_out_psnr_with": round(mean_with, 3), "gain_db": round(gain, 3), "margin_db": margin_db,
+        "reason": f"leave-one-pair-out gain {gain:+.2f} dB ({'>=' if used else '<'} margin {margin_db} dB)",
+    }
+    return (fit_light_field(pairs, grid=grid, work_size=work_size) if used else None), report
+
+
+def field_tensors(field: LightField, prefix: str = "field.") -> dict[str, Tensor]:
+    """The field as named float32 tensors for a safetensors file."""
+    return {f"{prefix}gain": field.gain.float().contiguous(), f"{prefix}offset": field.offset.float().contiguous()}
+
+
+def field_from_tensors(tensors: dict[str, Tensor], prefix: str = "field.") -> LightField:
+    """The inverse of `field_tensors`."""
+    try:
+        return LightField(tensors[f"{prefix}gain"].float(), tensors[f"{prefix}offset"].float())
+    except KeyError as missing:
+        raise ValueError(f"no light field under prefix {prefix!r}: {missing} missing") from None
+
+
+def remove_light_field(field: LightField, image: Image.Image | Tensor) -> Image.Image | Tensor:
+    """The inverse of `apply_light_field` where it has one (gain floored at 0.05 so a black corner
+    does not divide by zero): what the image was before the field, for refitting the colour under it."""
+    if isinstance(image, Image.Image):
+        out = remove_light_field(field, _to_tensor(image))
+        return Image.fromarray(out.mul(255).round().byte().permute(1, 2, 0).numpy())
+    height, width = image.shape[-2:]
+    maps = torch.stack([field.gain, field.offset])[None].to(image.device, torch.float32)
+    gain, offset = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=True)[0]
+    return ((image.float() - offset) / gain.clamp_min(0.05)).clamp(0, 1).to(image.dtype)
