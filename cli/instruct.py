@@ -88,6 +88,11 @@ def learn_command(
                      "learned instruction, and the learned instruction alone; or force one."),
     ] = Route.auto,
     lut_size: Annotated[int, typer.Option(min=2, max=65, help="Lattice points per axis of the 3D LUT.")] = 33,
+    light_field: Annotated[
+        bool,
+        typer.Option(help="Fit a light field under the LUT (a vignette, a dodge or burn in a fixed place of the "
+                     "frame) when leaving each pair out shows it helps. The .cube holds the colour only."),
+    ] = True,
 ) -> None:
     """Learn the instruction of one category from its before/after exemplar pairs.
 
@@ -147,9 +152,13 @@ def learn_command(
     typer.echo(f"learn {category}: model {loaded.model_id} loaded; learning (route {route.value})", err=True)
     settings = {"space": space.value, "seed": seed, "init_instruction": init_instruction, "steps": steps}
     instruction = learn_routed(loaded, pairs, LearnConfig(**settings),
-                               RouteConfig(route=route.value, lut_size=lut_size, seed=seed), category=category)
+                               RouteConfig(route=route.value, lut_size=lut_size, seed=seed,
+                                           light_field=light_field), category=category)
     # 4. save the instruction, its sidecar and the .cube
     typer.echo(f"learn {category}: route {instruction.route} chosen; saving to {output}", err=True)
+    if instruction.light_field is not None:
+        typer.echo(f"learn {category}: a light field under the LUT ({instruction.metadata['light_field']['reason']}); the "
+                   ".cube holds the colour only, the instruction both", err=True)
     data, metadata = save_instruction(instruction)
     destination.put_bytes(_cube(key), cube_bytes(instruction.lut, title=category), content_type="text/plain")
     destination.put_bytes(key, data, content_type="application/octet-stream")
@@ -161,6 +170,7 @@ def learn_command(
         instruction_sha256=instruction.sha256, model_id=loaded.model_id, model_sha256=loaded.sha256,
         route=instruction.route, route_requested=route.value, route_scores=choice["scores"],
         route_reason=choice["reason"], lut_size=lut_size, lut_fit=metadata["lut_fit"],
+        light_field=metadata["light_field"],
         steps=metadata["steps"], best_loss=metadata.get("best_loss"), best_step=metadata.get("best_step"),
         wall_time_s=metadata["route_wall_time_s"],
     )

@@ -260,6 +260,8 @@ def _params(job: PartitionJob, instruction: LearnedInstruction | None = None) ->
     params = {"apply": job.apply.model_dump(), "qc": job.qc.model_dump()}
     if instruction is not None and instruction.lut is not None:
         params["lut_size"] = instruction.lut.size
+    if instruction is not None and instruction.light_field is not None:
+        params["light_field_grid"] = instruction.light_field.grid
     return params
 
 

@@ -67,4 +67,5 @@ def learn_or_reuse(
             "weights_key": weights_key, "metadata_key": metadata_key, "sha256": weights_sha,
             "cube_key": instruction_cube_key(category, cache_key), "route": route,
             "route_scores": choice.get("scores", {}), "lut_size": metadata.get("lut_size"),
+            "light_field_grid": metadata.get("light_field_grid"),
             "reference_shift": exemplars["reference_shift"], "pairs": len(exemplars["pairs"])}

@@ -63,6 +63,9 @@ class LearnParams(_Config):
     route_margin_db: float = Field(
         0.5, ge=0, le=20, description="auto: a learned route must beat the LUT alone by this much PSNR on "
         "the held-out pairs.")
+    light_field: bool = Field(
+        True, description="Fit a light field under the LUT (a vignette, a dodge or burn in a fixed place of the "
+        "frame) when leaving each exemplar pair out shows it helps by route_margin_db.")
 
     def for_method(self) -> LearnConfig:
         return LearnConfig(steps=self.steps, space=self.space, lr=self.lr, batch_size=self.batch_size,
@@ -71,7 +74,7 @@ class LearnParams(_Config):
 
     def for_route(self) -> RouteConfig:
         return RouteConfig(route=self.route, lut_size=self.lut_size, margin_db=self.route_margin_db,
-                           seed=self.seed)
+                           seed=self.seed, light_field=self.light_field)
 
     def cache_fields(self) -> dict:
         """What the learned result depends on (min_pairs only decides whether to learn at all)."""

@@ -44,6 +44,8 @@ def route_caption(category: str, instruction: dict) -> str:
     scores = instruction.get("route_scores") or {}
     held = ", ".join(f"{name} {figures['psnr']:.1f} dB / dE {figures['deltae2000_mean']:.1f}"
                      for name, figures in scores.items())
+    if instruction.get("light_field_grid"):
+        route += " (LUT with a light field)"
     return f"{category}: route {route}" + (f" (held out: {held})" if held else "")
 
 

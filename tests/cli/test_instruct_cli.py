@@ -161,6 +161,7 @@ def test_a_lut_route_learns_a_cube_applies_without_the_model_and_qc_grades_it(tm
     assert learned.exit_code == 0, learned.output
     summary = _last_json(learned.stdout)
     assert summary["route"] == "lut" and summary["lut_size"] == 9 and summary["lut_fit"]["psnr"] > 35
+    assert summary["light_field"]["used"] is False  # a global grade: no light field under the LUT
     cube = tmp_path / "instr" / "warm.cube"
     assert read_cube(cube).size == 9 and isinstance(colour.io.read_LUT(str(cube)), colour.LUT3D)
 
