@@ -4,11 +4,14 @@ harness cannot run deployments: nothing serves or works them)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,3 +44,27 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"prefect server at {url} not healthy after {timeout_s} s")
+
+
+@contextmanager
+def running_server(folder: Path, **extra_env: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """A private server (own PREFECT_HOME under `folder`, SQLite) on a free loopback port; stopped by
+    its PID. Yields the API URL and an environment for processes that should talk to it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(folder / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": url, "PREFECT_CLI_PROMPT": "false", "PREFECT_SERVER_UI_ENABLED": "false",
+           **extra_env}
+    with open(folder / "server.log", "wb") as log:
+        server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(url, server, timeout_s=300)
+            yield url, env
+        finally:
+            server.terminate()
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
