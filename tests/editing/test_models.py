@@ -74,7 +74,10 @@ def test_edits_json_has_the_agreed_shape(kind: str) -> None:
     )
     assert set(spec) == expected_keys
     assert spec["model"] == folder.name and spec["resolution"] == 64
-    assert set(spec["defaults"]) == {"num_inference_steps", "guidance_scale", "image_guidance_scale"}
+    # the t2i also declares its text-edit guidance (editing.text_edit.resolve_text_edit)
+    assert set(spec["defaults"]) == {"num_inference_steps", "guidance_scale", "image_guidance_scale"} | (
+        {"text_edit"} if kind == "t2i" else set()
+    )
     assert len(spec["edits"]) >= 10
     assert [e["id"] for e in spec["edits"]] == list(EDITS)
     x = torch.rand(1, 3, 16, 16)
