@@ -3,6 +3,9 @@
 Photos are edited in batches at the t2i model's native size and the edit is lifted back to each
 photo's own resolution by `lift_edit`, so the outputs keep the photo's detail. One PNG per input
 with the same stem; unreadable inputs are reported and skipped; the last line is a JSON summary.
+Steps and guidance scales not given on the command line come from the model folder's edits.json
+(`defaults.text_edit`), else the papers' values (`editing.text_edit.resolve_text_edit`); the
+summary's `params` records the values used and where each came from.
 """
 
 from __future__ import annotations
@@ -54,15 +57,22 @@ def edit_command(
     ] = "",
     method: Annotated[Method, typer.Option(help="Editing method.")] = Method.fpe,
     w_inv: Annotated[
-        float | None, typer.Option(help="Guidance of the inversion pass (SimInversion 0.5, DDIM+P2P 1).")
+        float | None,
+        typer.Option(
+            help="Guidance of the inversion pass (default: the model's, else SimInversion 0.5, DDIM+P2P 1)."
+        ),
     ] = None,
     w_src: Annotated[
-        float | None, typer.Option(help="Guidance of the source branch (method default).")
+        float | None,
+        typer.Option(help="Guidance of the source branch (default: the model's, else the paper's)."),
     ] = None,
     w_tgt: Annotated[
-        float | None, typer.Option(help="Guidance of the target branch (method default).")
+        float | None, typer.Option(help="Guidance of the target branch (default: the model's, else 7.5).")
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="DDIM steps (inversion and sampling each).")] = 50,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="DDIM steps, inversion and sampling each (default: the model's, else 50)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Run seed; each photo's VAE posterior draw derives from it.")] = 0,
     model: Annotated[
         str | None, typer.Option(help="t2i model folder or s3:// prefix (default: the shipped model).")
@@ -85,6 +95,7 @@ def edit_command(
     from editing.lift import lift_edit
     from editing.models import load_model, native_resolution
     from editing.seeds import item_seed
+    from editing.text_edit import resolve_text_edit
     from storage.images import encode_png
     from storage.model_cache import materialise_model
 
@@ -93,12 +104,18 @@ def edit_command(
     edit = _edit_function(method)
     if inversion_iterations is None:  # the method's own default, recorded in the summary
         inversion_iterations = inspect.signature(edit).parameters["inversion_iterations"].default
-    kwargs = {**_method_kwargs(method, w_inv, w_src, w_tgt), "inversion_iterations": inversion_iterations}
+    overrides = _method_kwargs(method, w_inv, w_src, w_tgt)
     source, keys = input_images(images_uri)  # checked before the model loads
     outputs = planned_outputs(keys)
     destination = check_output_folder(output, images_uri)
     loaded = load_model(materialise_model(model) if model else None, kind="t2i", device=device)
     resolution = native_resolution(loaded.pipe, loaded.spec)
+    try:
+        settings = resolve_text_edit(
+            method.value.replace("-", "_"), loaded.spec, num_inference_steps=steps, **overrides
+        )
+    except (TypeError, ValueError) as exc:  # a negative scale, or a malformed edits.json block
+        raise typer.BadParameter(str(exc)) from exc
     report = BatchReport(
         command="edit",
         extra={
@@ -108,9 +125,9 @@ def edit_command(
             "params": {
                 "source_prompt": source_prompt,
                 "target_prompt": target_prompt,
-                "num_inference_steps": steps,
                 "seed": seed,
-                **kwargs,
+                "inversion_iterations": inversion_iterations,
+                **settings.record(),
             },
         },
     )
@@ -126,10 +143,10 @@ def edit_command(
             image=small,
             source_prompt=source_prompt,
             target_prompt=target_prompt,
-            num_inference_steps=steps,
             generator=generators,
             device=device,
-            **kwargs,
+            inversion_iterations=inversion_iterations,
+            **settings.values,
         )
         for (key, full), source_small, edited_small in zip(photos, small, result.images, strict=True):
             lifted = lift_edit(full, source_small, edited_small.to(full))

@@ -15,18 +15,19 @@ from torch import Tensor
 
 from editing.attention import FreePromptEdit, SelfLayerSelection
 from editing.inversion import FIXED_POINT_ITERATIONS
-from editing.text_edit import TextEditResult, run_text_edit
+from editing.models import LoadedModel
+from editing.text_edit import TextEditResult, pipeline_and_spec, resolve_text_edit, run_text_edit
 
 
 def fpe_edit(
-    pipe: StableDiffusionPipeline,
+    model: LoadedModel | StableDiffusionPipeline,
     *,
     image: Tensor,
     target_prompt: str,
     source_prompt: str = "",
-    num_inference_steps: int = 50,
-    w_src: float = 7.5,
-    w_tgt: float = 7.5,
+    num_inference_steps: int | None = None,
+    w_src: float | None = None,
+    w_tgt: float | None = None,
     self_replace_steps: float = 0.8,
     self_layers: SelfLayerSelection | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
@@ -39,19 +40,27 @@ def fpe_edit(
     `source_prompt` conditions the source row only (the official code uses ""); the inversion
     always uses the empty prompt, so no inversion guidance scale exists here.
     `self_layers=SelfLayerSelection.by_index(FPE_PAPER_LAYERS)` gives the paper's "layers 4-14".
+    `model` is a `LoadedModel` or a pipeline; steps and scales left None come from
+    `resolve_text_edit("fpe", ...)`: the model folder's edits.json, else the official code's 7.5
+    for both rows, 50 steps.
     """
-    return run_text_edit(
+    pipe, spec = pipeline_and_spec(model)
+    settings = resolve_text_edit(
+        "fpe", spec, num_inference_steps=num_inference_steps, w_src=w_src, w_tgt=w_tgt
+    )
+    steps = int(settings.values["num_inference_steps"])
+    result = run_text_edit(
         pipe,
         image=image,
         source_prompt=source_prompt,
         target_prompt=target_prompt,
         inversion_prompt="",
-        num_inference_steps=num_inference_steps,
+        num_inference_steps=steps,
         w_inv=1.0,
-        w_src=w_src,
-        w_tgt=w_tgt,
+        w_src=settings.values["w_src"],
+        w_tgt=settings.values["w_tgt"],
         make_controller=lambda latent_tokens: FreePromptEdit(
-            num_inference_steps, latent_tokens, self_replace_steps, self_layers
+            steps, latent_tokens, self_replace_steps, self_layers
         ),
         drive_source=True,
         generator=generator,
@@ -59,3 +68,5 @@ def fpe_edit(
         dtype=dtype,
         inversion_iterations=inversion_iterations,
     )
+    result.params["defaults_origin"] = settings.origin
+    return result

@@ -4,7 +4,8 @@ The same call serves the laptop demo and a GPU worker: `load_model()` gives the 
 `retouch-tiny-ip2p`; `load_model("/models/instruct-pix2pix", device="cuda", dtype=torch.float16)`
 gives a real `timbrooks/instruct-pix2pix` folder (a diffusers `save_pretrained` layout, such as a
 hub snapshot directory), and `kind="t2i"` a Stable Diffusion 1.5 folder. Real folders carry no
-`edits.json`, so `spec` is None and callers use the pipeline's own defaults. An `s3://` prefix is
+`edits.json`, so `spec` is None and callers use the pipeline's own defaults (text edits: the
+papers' guidance, `editing.text_edit.PAPER_DEFAULTS`). An `s3://` prefix is
 first turned into a local folder by `storage.model_cache.materialise_model(uri)`; editing/ never
 talks to S3 itself.
 """
@@ -113,6 +114,14 @@ def folder_sha256(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_spec(folder: str | Path) -> dict[str, Any] | None:
+    """A model folder's edits.json (what the model was trained to do and its default settings,
+    including `defaults.text_edit`, see `editing.text_edit.resolve_text_edit`), or None when the
+    folder has none (stock Stable Diffusion / InstructPix2Pix folders)."""
+    spec_file = Path(folder) / "edits.json"
+    return json.loads(spec_file.read_text()) if spec_file.is_file() else None
+
+
 def _model_id(folder: Path, spec: dict[str, Any] | None) -> str:
     """The spec's name; for a hub snapshot (models--org--name/snapshots/<rev>) "org/name"."""
     if spec is not None:
@@ -154,8 +163,7 @@ def load_model(
         )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    spec_file = folder / "edits.json"
-    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else None
+    spec = read_spec(folder)
     return LoadedModel(
         pipe=pipe,
         kind=kind,

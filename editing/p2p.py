@@ -1,7 +1,8 @@
 """DDIM+P2P: the classic baseline of real-image text editing (PIE-Bench's "DDIM + P2P").
 
 DDIM inversion with the source prompt and no guidance, then [source, target] sampling at the same
-guidance 7.5 for both rows under a prompt-to-prompt controller. SimInversion keeps all of this and
+guidance for both rows (PIE-Bench: 7.5; a model folder may declare its own, see
+`editing.text_edit.resolve_text_edit`) under a prompt-to-prompt controller. SimInversion keeps all of this and
 changes only the guidance scales, so the controller choice lives here and is shared.
 """
 
@@ -19,7 +20,14 @@ from editing.attention import (
     align_tokens,
 )
 from editing.inversion import FIXED_POINT_ITERATIONS
-from editing.text_edit import TextEditResult, run_text_edit
+from editing.models import LoadedModel
+from editing.text_edit import (
+    TextEditResult,
+    TextEditSettings,
+    pipeline_and_spec,
+    resolve_text_edit,
+    run_text_edit,
+)
 
 
 def p2p_controller(
@@ -49,15 +57,15 @@ def p2p_controller(
 
 
 def ddim_p2p_edit(
-    pipe: StableDiffusionPipeline,
+    model: LoadedModel | StableDiffusionPipeline,
     *,
     image: Tensor,
     source_prompt: str,
     target_prompt: str,
-    num_inference_steps: int = 50,
-    w_inv: float = 1.0,
-    w_src: float = 7.5,
-    w_tgt: float = 7.5,
+    num_inference_steps: int | None = None,
+    w_inv: float | None = None,
+    w_src: float | None = None,
+    w_tgt: float | None = None,
     cross_replace_steps: float = 0.4,
     self_replace_steps: float = 0.6,
     generator: torch.Generator | list[torch.Generator] | None = None,
@@ -66,17 +74,55 @@ def ddim_p2p_edit(
     inversion_iterations: int = FIXED_POINT_ITERATIONS,
 ) -> TextEditResult:
     """Edit (B, 3, h, w) images in [0, 1] at the model's resolution from `source_prompt` (what the
-    photo shows) to `target_prompt`. The defaults are PIE-Bench's DDIM+P2P run."""
-    return run_text_edit(
+    photo shows) to `target_prompt`. `model` is a `LoadedModel` or a pipeline; steps and scales
+    left None come from `resolve_text_edit("ddim_p2p", ...)`: the model folder's edits.json, else
+    PIE-Bench's DDIM+P2P run (1 / 7.5 / 7.5, 50 steps)."""
+    pipe, spec = pipeline_and_spec(model)
+    settings = resolve_text_edit(
+        "ddim_p2p", spec, num_inference_steps=num_inference_steps, w_inv=w_inv, w_src=w_src, w_tgt=w_tgt
+    )
+    return run_p2p(
+        pipe,
+        settings,
+        image=image,
+        source_prompt=source_prompt,
+        target_prompt=target_prompt,
+        cross_replace_steps=cross_replace_steps,
+        self_replace_steps=self_replace_steps,
+        generator=generator,
+        device=device,
+        dtype=dtype,
+        inversion_iterations=inversion_iterations,
+    )
+
+
+def run_p2p(
+    pipe: StableDiffusionPipeline,
+    settings: TextEditSettings,
+    *,
+    image: Tensor,
+    source_prompt: str,
+    target_prompt: str,
+    cross_replace_steps: float,
+    self_replace_steps: float,
+    generator: torch.Generator | list[torch.Generator] | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    inversion_iterations: int,
+) -> TextEditResult:
+    """Inversion with the source prompt, [source, target] sampling under the P2P controller, with
+    resolved `settings` (DDIM+P2P's or SimInversion's); records where each setting came from."""
+    num_inference_steps = int(settings.values["num_inference_steps"])
+    result = run_text_edit(
         pipe,
         image=image,
         source_prompt=source_prompt,
         target_prompt=target_prompt,
         inversion_prompt=source_prompt,
         num_inference_steps=num_inference_steps,
-        w_inv=w_inv,
-        w_src=w_src,
-        w_tgt=w_tgt,
+        w_inv=settings.values["w_inv"],
+        w_src=settings.values["w_src"],
+        w_tgt=settings.values["w_tgt"],
         make_controller=lambda latent_tokens: p2p_controller(
             pipe,
             source_prompt,
@@ -92,3 +138,5 @@ def ddim_p2p_edit(
         dtype=dtype,
         inversion_iterations=inversion_iterations,
     )
+    result.params["defaults_origin"] = settings.origin
+    return result

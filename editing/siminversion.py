@@ -12,7 +12,9 @@ source branch (w_inv = w_src = 0.5, w_tgt = 7.5), because a secondary review say
 traditional settings (0 or 1)", which are the two inversion scales in use. The other reading
 (w_inv = 1, w_src = 0.5) and the DDIM+P2P baseline (1 / 7.5 / 7.5) are the same function with
 other arguments; 7.5 for the target is PIE-Bench's default, not read from the
-paper. Cost: inversion at w_inv != 1 needs the unconditional prediction too (a batch of 2 per
+paper. These are the values for a Stable Diffusion folder without edits.json; a model folder may
+declare its own (`editing.text_edit.resolve_text_edit`): the shipped tiny t2i, trained without
+strong guidance, is wrecked by a target at 7.5. Cost: inversion at w_inv != 1 needs the unconditional prediction too (a batch of 2 per
 inversion step instead of 1); sampling costs the same as DDIM+P2P.
 
 Default inversion: one fixed-point iteration per step (`SIMINVERSION_ITERATIONS`), where the other
@@ -28,22 +30,23 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
-from editing.p2p import ddim_p2p_edit
-from editing.text_edit import TextEditResult
+from editing.models import LoadedModel
+from editing.p2p import run_p2p
+from editing.text_edit import TextEditResult, pipeline_and_spec, resolve_text_edit
 
 SIMINVERSION_ITERATIONS = 1
 
 
 def siminversion_edit(
-    pipe: StableDiffusionPipeline,
+    model: LoadedModel | StableDiffusionPipeline,
     *,
     image: Tensor,
     source_prompt: str,
     target_prompt: str,
-    num_inference_steps: int = 50,
-    w_inv: float = 0.5,
-    w_src: float = 0.5,
-    w_tgt: float = 7.5,
+    num_inference_steps: int | None = None,
+    w_inv: float | None = None,
+    w_src: float | None = None,
+    w_tgt: float | None = None,
     cross_replace_steps: float = 0.4,
     self_replace_steps: float = 0.6,
     generator: torch.Generator | list[torch.Generator] | None = None,
@@ -53,18 +56,21 @@ def siminversion_edit(
 ) -> TextEditResult:
     """Edit (B, 3, h, w) images in [0, 1] at the model's resolution from `source_prompt` to
     `target_prompt`; with w_inv=1, w_src=w_tgt=7.5 and inversion_iterations=2 this is exactly
-    `ddim_p2p_edit`."""
+    `ddim_p2p_edit` at the papers' values. `model` is a `LoadedModel` or a pipeline; steps and
+    scales left None come from `resolve_text_edit("siminversion", ...)`: the model folder's
+    edits.json, else the paper's 0.5 / 0.5 / 7.5, 50 steps."""
     # SimInversion is DDIM+P2P with the guidance of the inversion and of the source branch
     # disentangled from the target's; only the defaults differ.
-    return ddim_p2p_edit(
+    pipe, spec = pipeline_and_spec(model)
+    settings = resolve_text_edit(
+        "siminversion", spec, num_inference_steps=num_inference_steps, w_inv=w_inv, w_src=w_src, w_tgt=w_tgt
+    )
+    return run_p2p(
         pipe,
+        settings,
         image=image,
         source_prompt=source_prompt,
         target_prompt=target_prompt,
-        num_inference_steps=num_inference_steps,
-        w_inv=w_inv,
-        w_src=w_src,
-        w_tgt=w_tgt,
         cross_replace_steps=cross_replace_steps,
         self_replace_steps=self_replace_steps,
         generator=generator,

@@ -6,10 +6,25 @@ under the target prompt, and an attention controller lets the target reuse the s
 They differ only in the guidance of each row and of the inversion, in the controller, and in
 whether the source row is pinned to the inversion trajectory; `run_text_edit` takes those as
 arguments so that each method module is a short statement of its choices.
+
+Which guidance (and how many steps) an edit uses when the caller does not say is the model's
+business, not the method's: `resolve_text_edit` takes each value from the caller, else from the
+model folder's edits.json (`defaults.text_edit`), else from the papers (`PAPER_DEFAULTS`, tuned
+for Stable Diffusion 1.x). Schema of the model folder's block, every key optional:
+
+    "defaults": {"text_edit": {
+        "num_inference_steps": 50,
+        "ddim_p2p":     {"w_inv": 1.0, "w_src": 2.0, "w_tgt": 2.0},
+        "siminversion": {"w_inv": 0.5, "w_src": 0.5, "w_tgt": 2.0},
+        "fpe":          {"w_src": 2.0, "w_tgt": 2.0},
+        "regenerate":   {"w_inv": 1.0, "w_tgt": 2.0},
+        "calibration":  {...free-form note: what was measured, on which photos...}
+    }}
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,6 +36,125 @@ from torch import Tensor
 
 from editing.attention import AttentionController, attention_control
 from editing.inversion import FIXED_POINT_ITERATIONS, Inversion, ddim_invert, ddim_sampler, guide
+from editing.models import LoadedModel, read_spec
+
+# The papers' settings, for Stable Diffusion 1.x (a folder without edits.json gets these).
+# DDIM+P2P as PIE-Bench runs it: inversion with the source prompt on the conditional prediction
+# alone (w = 1), then one guidance scale, 7.5, for both the source and the target row.
+# SimInversion (arXiv 2409.10476): 0.5 shared by the inversion and the source branch, the target
+# at PIE-Bench's 7.5 (see editing/siminversion.py for how "0.5" is read).
+# FPE (official notebook for real photos): inversion with the empty prompt (its scale cannot
+# matter), then one scale, 7.5, for both rows, the source row pinned to the inversion.
+# Plain regeneration (the no-control baseline) inverts like DDIM+P2P and samples like it.
+PAPER_STEPS = 50
+PAPER_DEFAULTS: dict[str, dict[str, float]] = {
+    "ddim_p2p": {"w_inv": 1.0, "w_src": 7.5, "w_tgt": 7.5},
+    "siminversion": {"w_inv": 0.5, "w_src": 0.5, "w_tgt": 7.5},
+    "fpe": {"w_src": 7.5, "w_tgt": 7.5},
+    "regenerate": {"w_inv": 1.0, "w_tgt": 7.5},
+}
+TEXT_EDIT_METHODS = tuple(PAPER_DEFAULTS)
+_NOTE_KEYS = {"calibration"}
+
+
+@dataclass(frozen=True)
+class TextEditSettings:
+    """What a text edit runs with: `values` (num_inference_steps and the method's guidance scales,
+    ready to pass as keyword arguments) and, per value, where it came from: "caller", "model"
+    (the folder's edits.json) or "paper"."""
+
+    method: str
+    values: dict[str, float | int]
+    origin: dict[str, str]
+
+    def record(self) -> dict[str, Any]:
+        """The values plus their origins, for a JSON summary or a manifest's `params`."""
+        return {**self.values, "defaults_origin": dict(self.origin)}
+
+
+def _number(value: Any, where: str, *, steps: bool = False) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    if steps:
+        if int(value) != value or value < 1:
+            raise ValueError(f"{where} must be a whole number >= 1, got {value!r}")
+        return int(value)
+    if value < 0:
+        raise ValueError(f"{where} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def model_text_edit_defaults(spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `defaults.text_edit` block of a model's edits.json ({} without one), checked: only known
+    methods and, per method, only the scales it has, all finite and >= 0."""
+    block = ((spec or {}).get("defaults") or {}).get("text_edit") or {}
+    name = (spec or {}).get("model", "model")
+    if not isinstance(block, Mapping):
+        raise TypeError(f"{name}: edits.json defaults.text_edit must be an object")
+    for key, value in block.items():
+        where = f"{name}: edits.json defaults.text_edit.{key}"
+        if key == "num_inference_steps":
+            _number(value, where, steps=True)
+        elif key in PAPER_DEFAULTS:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where} must be an object of guidance scales")
+            for scale, number in value.items():
+                if scale not in PAPER_DEFAULTS[key]:
+                    raise ValueError(f"{where}.{scale}: {key} has only {sorted(PAPER_DEFAULTS[key])}")
+                _number(number, f"{where}.{scale}")
+        elif key not in _NOTE_KEYS:
+            raise ValueError(
+                f"{where}: unknown key; expected num_inference_steps, {', '.join(TEXT_EDIT_METHODS)}"
+            )
+    return dict(block)
+
+
+def resolve_text_edit(
+    method: str, spec: Mapping[str, Any] | None = None, **overrides: float | None
+) -> TextEditSettings:
+    """The steps and guidance scales of a text edit: each from the caller (`overrides` that are not
+    None), else the model folder's edits.json `defaults.text_edit` (per method; steps shared),
+    else the papers (`PAPER_DEFAULTS`, `PAPER_STEPS`). `spec` is `LoadedModel.spec` (None for a
+    folder without edits.json). Pure: reads nothing.
+
+    >>> resolve_text_edit("siminversion").values
+    {'num_inference_steps': 50, 'w_inv': 0.5, 'w_src': 0.5, 'w_tgt': 7.5}
+    """
+    if method not in PAPER_DEFAULTS:
+        raise ValueError(f"method must be one of {TEXT_EDIT_METHODS}, got {method!r}")
+    allowed = {"num_inference_steps", *PAPER_DEFAULTS[method]}
+    unknown = sorted(k for k, v in overrides.items() if v is not None and k not in allowed)
+    if unknown:
+        raise ValueError(f"{method} has no {', '.join(unknown)}; its settings are {sorted(allowed)}")
+    block = model_text_edit_defaults(spec)
+    model = {
+        **({"num_inference_steps": block["num_inference_steps"]} if "num_inference_steps" in block else {}),
+        **block.get(method, {}),
+    }
+    paper = {"num_inference_steps": PAPER_STEPS, **PAPER_DEFAULTS[method]}
+    values: dict[str, float | int] = {}
+    origin: dict[str, str] = {}
+    for key, fallback in paper.items():
+        steps = key == "num_inference_steps"
+        if overrides.get(key) is not None:
+            values[key], origin[key] = _number(overrides[key], key, steps=steps), "caller"
+        elif key in model:
+            values[key], origin[key] = _number(model[key], key, steps=steps), "model"
+        else:
+            values[key], origin[key] = fallback, "paper"
+    return TextEditSettings(method=method, values=values, origin=origin)
+
+
+def pipeline_and_spec(
+    model: LoadedModel | StableDiffusionPipeline,
+) -> tuple[StableDiffusionPipeline, dict | None]:
+    """The pipeline to run and the edits.json of its folder: a `LoadedModel` carries both; a bare
+    pipeline loaded from a local folder (`from_pretrained(folder)`, or `LoadedModel.pipe`) gets the
+    spec of that folder through `editing.models.read_spec`; anything else has none."""
+    if isinstance(model, LoadedModel):
+        return model.pipe, model.spec
+    folder = getattr(model, "name_or_path", None)
+    return model, read_spec(folder) if folder else None
 
 
 @dataclass
@@ -221,14 +355,14 @@ def run_text_edit(
 
 @torch.no_grad()
 def regenerate(
-    pipe: StableDiffusionPipeline,
+    model: LoadedModel | StableDiffusionPipeline,
     *,
     image: Tensor,
     source_prompt: str,
     target_prompt: str,
-    num_inference_steps: int = 50,
-    w_inv: float = 1.0,
-    w_tgt: float = 7.5,
+    num_inference_steps: int | None = None,
+    w_inv: float | None = None,
+    w_tgt: float | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -237,7 +371,15 @@ def regenerate(
     """The no-control baseline: invert with the source prompt, then sample the target prompt
     alone from the inverted noise. Whatever structure survives here survives without attention
     control, so it is what FPE's self-attention copy must beat. There is no source row, so
-    `reconstructions` is the VAE round trip of the photo."""
+    `reconstructions` is the VAE round trip of the photo. Settings left None come from
+    `resolve_text_edit("regenerate", ...)` (the model folder's defaults, else 1 / 7.5, 50 steps)."""
+    pipe, spec = pipeline_and_spec(model)
+    settings = resolve_text_edit(
+        "regenerate", spec, num_inference_steps=num_inference_steps, w_inv=w_inv, w_tgt=w_tgt
+    )
+    num_inference_steps, w_inv, w_tgt = (
+        settings.values[k] for k in ("num_inference_steps", "w_inv", "w_tgt")
+    )
     _run_device(pipe, device, dtype)
     unet = pipe.unet
     latents = encode_images(pipe, image, generator).to(unet.dtype)
@@ -266,5 +408,6 @@ def regenerate(
             "w_inv": w_inv,
             "w_tgt": w_tgt,
             "inversion_fixed_point_iterations": inversion_iterations,
+            "defaults_origin": settings.origin,
         },
     )

@@ -120,3 +120,71 @@ def test_edit_refuses_an_inversion_scale_for_fpe(tmp_path: Path, tiny_model: Pat
         ]
     )
     assert code != 0 and "--w-inv" in output
+
+
+@pytest.fixture(scope="module")
+def declared_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny t2i with its own text-edit defaults in edits.json."""
+    folder = build_tiny_t2i(tmp_path_factory.mktemp("models") / "declared-t2i")
+    spec = json.loads((folder / "edits.json").read_text())
+    spec["defaults"]["text_edit"] = {"num_inference_steps": 2, "siminversion": {"w_tgt": 1.75}}
+    (folder / "edits.json").write_text(json.dumps(spec))
+    return folder
+
+
+def test_edit_summary_records_the_guidance_it_used_and_where_it_came_from(
+    tmp_path: Path, tiny_model: Path, declared_model: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(0, (40, 40)).save(photos / "a.png")
+
+    def edit(model: Path, run: str, *flags: str) -> tuple[dict, np.ndarray]:
+        code, output, summary = _run(
+            [
+                "edit",
+                str(photos),
+                "--source-prompt",
+                "a photo",
+                "--target-prompt",
+                "a sepia photo",
+                "--method",
+                "siminversion",
+                "--output",
+                str(tmp_path / run),
+                "--model",
+                str(model),
+                *flags,
+            ]
+        )
+        assert code == 0, output
+        return summary["params"], np.asarray(Image.open(tmp_path / run / "a.png"))
+
+    # the folder's defaults: w_tgt and steps from edits.json, the rest from the paper
+    params, declared = edit(declared_model, "declared")
+    assert (params["num_inference_steps"], params["w_inv"], params["w_src"], params["w_tgt"]) == (
+        2,
+        0.5,
+        0.5,
+        1.75,
+    )
+    assert params["defaults_origin"] == {
+        "num_inference_steps": "model",
+        "w_inv": "paper",
+        "w_src": "paper",
+        "w_tgt": "model",
+    }
+    # the recorded values are the ones used: given explicitly to a folder without them, same output
+    params, explicit = edit(
+        tiny_model, "explicit", "--steps", "2", "--w-inv", "0.5", "--w-src", "0.5", "--w-tgt", "1.75"
+    )
+    assert set(params["defaults_origin"].values()) == {"caller"}
+    np.testing.assert_array_equal(explicit, declared)
+    # the caller wins over the folder
+    params, overridden = edit(declared_model, "override", "--w-tgt", "5")
+    assert params["w_tgt"] == 5.0 and params["defaults_origin"]["w_tgt"] == "caller"
+    assert params["num_inference_steps"] == 2
+    assert not np.array_equal(overridden, declared)
+    # a folder without text-edit defaults gets the paper's target guidance
+    params, _ = edit(tiny_model, "paper", "--steps", "2")
+    assert params["w_tgt"] == 7.5 and params["defaults_origin"]["w_tgt"] == "paper"
