@@ -3,14 +3,18 @@ and publish -> summary. refresh_partition is the per-partition entry for GPU wor
 
 Under a deployment the review gate suspends the flow run and a resume re-executes it from the top.
 Everything before the gate is then reused: ingest, learning, the partitions and the reports are
-persisted task results cached for the same refresh flow run (`SAME_REFRESH_RUN`), so they come back
-`Cached` and the model is not even loaded. Without the cached results (another machine), the
-instruction cache and the partition completion markers in the store still make it a skip.
+persisted task results cached for the same refresh flow run (`SAME_REFRESH_RUN`), kept as JSON in the
+output store (`resumable`), so they come back `Cached` on whichever worker resumes the run, and the
+model is not even loaded. Without them, the instruction cache and the completion markers in the
+store still make it a skip.
+
+Partitions larger than `shard_size` are edited in shards (tasks/edit.py `cut_shards`); on a work pool
+every shard is one flow run, and every API call of the dispatch passes one `DispatchGate`.
 """
 
 from __future__ import annotations
 
-import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,9 +33,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.learn import learn_instructions
 from flows.review import check_review_policy, review_and_publish
-from storage.run_layout import done_key, edited_prefix, manifest_prefix
+from storage.run_layout import edited_prefix, manifest_prefix
 from storage.store import open_store
-from tasks.edit import RESUMABLE, edit_partition
+from tasks.edit import cut_shards, edit_partition, finished, merge_shards, resumable
 from tasks.ingest import catalogue_partitions
 from tasks.lease import acquire_run_lease, release_run_lease
 from tasks.monitor import record_run
@@ -44,6 +48,8 @@ MAX_DISPATCHES = 3
 # Seconds between two looks at a partition run on the pool: two API calls per look and partition.
 POLL_S = 5
 HEARTBEAT = "prefect.flow-run.heartbeat"
+# Prefect API calls of the dispatch in flight at once, whatever the rate.
+API_AT_ONCE = 4
 
 
 @flow(name="catalogue-refresh", on_completion=[release_run_lease], on_failure=[release_run_lease],
@@ -55,17 +61,18 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
     acquire_run_lease(config.output_uri, run_id)
     get_run_logger().info("run %s: %s -> %s", run_id, config.store_uri, config.output_uri)
     timings: dict[str, float] = {}
+    kept = resumable(config.output_uri)
     with stage(timings, "ingest"):
-        partitions = catalogue_partitions.with_options(**RESUMABLE)(config.store_uri, config.categories)
+        partitions = catalogue_partitions.with_options(**kept)(config.store_uri, config.categories)
     with stage(timings, "learn"):
-        instructions = learn_once(config)
+        instructions = learn_once.with_options(**kept)(config)
     with stage(timings, "edit"):
         jobs = [partition_job(config, run_id, name, items, instructions) for name, items in partitions.items()]
-        edited = edit_partitions.with_options(task_runner=ThreadPoolTaskRunner(max_workers=in_flight(config, len(jobs))))(
-            jobs, config.gpu_work_pool, config.partition_deployment, config.partition_silence_s)
+        edited = edit_partitions.with_options(task_runner=ThreadPoolTaskRunner(max_workers=in_flight(config, jobs)))(
+            jobs, config)
     with stage(timings, "report"):
         categories = sorted({item["category"] for items in partitions.values() for item in items})
-        reports = report_category.with_options(**RESUMABLE).map(
+        reports = report_category.with_options(**kept).map(
             unmapped(config.store_uri), unmapped(config.output_uri), unmapped(run_id), categories,
             [instructions.get(c, {}) for c in categories], unmapped(config.review.link_expiry_s)).result()
     with stage(timings, "review"):
@@ -76,7 +83,7 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
     return summary
 
 
-@task(**RESUMABLE)
+@task
 def learn_once(config: RefreshConfig) -> dict[str, dict]:
     """The learn-instructions subflow, once per refresh flow run.
 
@@ -88,61 +95,113 @@ def learn_once(config: RefreshConfig) -> dict[str, dict]:
 
 
 @flow(name="edit-partitions")
-def edit_partitions(jobs: list[PartitionJob], gpu_work_pool: str | None, deployment: str,
-                    silence_s: int = 120) -> list[dict]:
-    """One task per partition: in this process by default, as deployment runs on a GPU pool if set.
+def edit_partitions(jobs: list[PartitionJob], config: RefreshConfig) -> list[dict]:
+    """One task per shard (a partition of at most `shard_size` items is one shard): in this process
+    by default, as deployment runs on a GPU pool if set; then the partitions cut into shards are
+    merged into one manifest file each. Returns one summary per partition.
 
-    Every partition is waited for before a failure is raised, so one bad partition does not stop
-    the others; a re-run then only redoes the partitions without a completion marker.
+    Every shard is waited for before a failure is raised, so one bad shard does not stop the others;
+    a re-run then only redoes the shards and partitions not yet done.
     """
-    if gpu_work_pool:
-        check_partition_deployment(deployment, gpu_work_pool)
-        futures = edit_partition_on_pool.map(jobs, unmapped(deployment), unmapped(silence_s))
+    kept = resumable(config.output_uri)
+    cuts = {job.partition: cut_shards(job, config.shard_size) for job in jobs}
+    shard_jobs = [job for pieces in cuts.values() for job, _ in pieces]
+    shards = [shard for pieces in cuts.values() for _, shard in pieces]
+    if config.gpu_work_pool:
+        check_partition_deployment(config.partition_deployment, config.gpu_work_pool)
+        futures = edit_partition_on_pool.with_options(**kept).map(
+            shard_jobs, unmapped(config.partition_deployment), unmapped(config.partition_silence_s), shards,
+            unmapped(config.dispatch_calls_per_s))
     else:
-        futures = edit_partition.map(jobs)
+        futures = edit_partition.with_options(**kept).map(shard_jobs, shards)
     wait(futures)
-    summaries = [future.result() for future in futures]
+    edited = {s["partition"]: s for s in (future.result() for future in futures)}
+    cut = [job for job in jobs if len(cuts[job.partition]) > 1]
+    if cut:
+        merged = merge_shards.with_options(**kept).map(cut, [len(cuts[job.partition]) for job in cut]).result()
+        edited |= {s["partition"]: s for s in merged}
+    summaries = [edited[job.partition] for job in jobs]
     done = sum(not s["skipped"] for s in summaries)
-    get_run_logger().info("%d partitions edited, %d already done", done, len(summaries) - done)
+    get_run_logger().info("%d partitions edited (%d shards), %d already done", done, len(shards),
+                          len(summaries) - done)
     return summaries
 
 
 @flow(name="refresh-partition")
-def refresh_partition(job: PartitionJob) -> dict:
-    """Edit one partition; deployed on the GPU work pool, started per partition by catalogue_refresh."""
-    return edit_partition(job)
+def refresh_partition(job: PartitionJob, shard: int | None = None) -> dict:
+    """Edit one partition, or one shard of it; deployed on the GPU work pool, started per shard by
+    catalogue_refresh."""
+    return edit_partition.with_options(**resumable(job.output_uri))(job, shard)
 
 
-@task(retries=1, retry_delay_seconds=[30], **RESUMABLE)
-def edit_partition_on_pool(job: PartitionJob, deployment: str, silence_s: int = 120) -> dict:
-    """Run one partition as a run of the partition deployment and wait for it; returns its summary.
+@task(retries=1, retry_delay_seconds=[30])
+def edit_partition_on_pool(job: PartitionJob, deployment: str, silence_s: int = 120, shard: int | None = None,
+                           calls_per_s: float = 10) -> dict:
+    """Run one partition (or shard) as a run of the partition deployment and wait for it; returns its
+    summary.
 
-    A partition with a completion marker is not sent to the pool again: a re-run would otherwise
-    start (and wait for) one GPU flow run per finished partition just to skip it. A run whose worker
-    was lost is marked Crashed (`wait_for_partition_run`) and the partition is sent again, to
-    whichever worker takes it: the new run skips nothing it should not, since only a finished
-    partition has a marker, and rewrites the lost run's outputs into the same keys.
+    Finished work (a partition marker, a shard file) is not sent to the pool again: a re-run would
+    otherwise start (and wait for) one GPU flow run per finished shard just to skip it. A run whose
+    worker was lost is marked Crashed (`wait_for_partition_run`) and the shard is sent again, to
+    whichever worker takes it: the new run skips nothing it should not, since only finished work has
+    a marker, and rewrites the lost run's outputs into the same keys. Every API call of this goes
+    through the process's one `DispatchGate` for `calls_per_s`.
     """
-    out = open_store(job.output_uri)
-    marker = done_key(job.run_id, job.partition)
-    if out.exists(marker):
-        return {**json.loads(out.get_bytes(marker)), "skipped": True}
+    if (done := finished(job, shard)) is not None:
+        return done
+    gate = dispatch_gate(calls_per_s)
+    name = job.partition if shard is None else f"{job.partition} shard {shard}"
+    parameters = {"job": job.model_dump(mode="json"), **({"shard": shard} if shard is not None else {})}
     for dispatch in range(1, MAX_DISPATCHES + 1):
-        run = run_deployment(deployment, parameters={"job": job.model_dump(mode="json")}, timeout=0,
-                             tags=[run_tag(job.run_id)])
-        run = wait_for_partition_run(run.id, silence_s)
+        with gate.call():
+            run = run_deployment(deployment, parameters=parameters, timeout=0, tags=[run_tag(job.run_id)])
+        run = wait_for_partition_run(run.id, silence_s, gate)
         if run.state.is_completed():
-            return {**json.loads(out.get_bytes(marker)), "skipped": False}
+            return {**finished(job, shard), "skipped": False}
         if not run.state.is_crashed():
-            raise RuntimeError(f"partition {job.partition}: flow run {run.name} ended {run.state_name}")
+            raise RuntimeError(f"partition {name}: flow run {run.name} ended {run.state_name}")
         get_run_logger().warning("partition %s: flow run %s crashed (%s); sending the partition again "
-                                 "(dispatch %d of %d)", job.partition, run.name, run.state.message,
+                                 "(dispatch %d of %d)", name, run.name, run.state.message,
                                  dispatch + 1, MAX_DISPATCHES)
-    raise RuntimeError(f"partition {job.partition}: {MAX_DISPATCHES} flow runs crashed in a row")
+    raise RuntimeError(f"partition {name}: {MAX_DISPATCHES} flow runs crashed in a row")
 
 
+class DispatchGate:
+    """The one bound on the dispatch's Prefect API calls in this process: at most `at_once` calls at a
+    time and `per_s` calls per second, however many shards are in flight (thousands of unpaced
+    `run_deployment` calls and polls are what draws HTTP 429 from an API).
 
-def wait_for_partition_run(flow_run_id: UUID, silence_s: float) -> FlowRun:
+    A call takes the next free start time, one `1 / per_s` after the previous one, and sleeps until
+    then while holding one of the `at_once` slots.
+    """
+
+    def __init__(self, per_s: float, at_once: int = API_AT_ONCE):
+        self.per_s, self.at_once = per_s, at_once
+        self._slots = threading.BoundedSemaphore(at_once)
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        with self._slots:
+            with self._lock:
+                start = max(self._next, time.monotonic())
+                self._next = start + 1 / self.per_s
+            time.sleep(max(0.0, start - time.monotonic()))
+            yield
+
+
+_GATES: dict[float, DispatchGate] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def dispatch_gate(per_s: float) -> DispatchGate:
+    """The process's gate for this rate: every shard of a refresh shares it."""
+    with _GATES_LOCK:
+        return _GATES.setdefault(per_s, DispatchGate(per_s))
+
+
+def wait_for_partition_run(flow_run_id: UUID, silence_s: float, gate: DispatchGate) -> FlowRun:
     """The partition run once it is final; a run its worker lost is marked Crashed first.
 
     A run a worker has taken (Pending, Running, Cancelling) proves it is alive by changing state or
@@ -156,12 +215,17 @@ def wait_for_partition_run(flow_run_id: UUID, silence_s: float) -> FlowRun:
     seen, since = None, time.monotonic()
     with get_client(sync_client=True) as client:
         while True:
-            run = client.read_flow_run(flow_run_id)
+            with gate.call():
+                run = client.read_flow_run(flow_run_id)
             if run.state is not None and run.state.is_final():
                 return run
             taken = run.state is not None and run.state.type in (StateType.PENDING, StateType.RUNNING,
                                                                    StateType.CANCELLING)
-            sign = (run.state.id, last_heartbeat(client, flow_run_id)) if taken else None
+            if taken:
+                with gate.call():
+                    sign = (run.state.id, last_heartbeat(client, flow_run_id))
+            else:
+                sign = None
             if sign != seen:
                 seen, since = sign, time.monotonic()
             elif taken and time.monotonic() - since > silence_s:
@@ -169,7 +233,8 @@ def wait_for_partition_run(flow_run_id: UUID, silence_s: float) -> FlowRun:
                 message = (f"no heartbeat or state change for {time.monotonic() - since:.0f} s while "
                            f"{run.state_name}: its worker was lost")
                 get_run_logger().warning("flow run %s: %s; marking it %s", run.name, message, give_up.__name__)
-                client.set_flow_run_state(flow_run_id, give_up(message=message), force=True)
+                with gate.call():
+                    client.set_flow_run_state(flow_run_id, give_up(message=message), force=True)
                 continue
             time.sleep(POLL_S)
 
@@ -182,17 +247,18 @@ def last_heartbeat(client: SyncPrefectClient, flow_run_id: UUID) -> UUID | None:
     return page.events[0].id if page.events else None
 
 
-def in_flight(config: RefreshConfig, partitions: int) -> int:
-    """How many partitions are worked on at once: `workers` threads in this process, or on the pool
-    path `pool_in_flight`, else the pool's concurrency limit, else every partition (the workers'
-    own `--limit` then decides how many run; the rest wait in the pool's queue)."""
+def in_flight(config: RefreshConfig, jobs: list[PartitionJob]) -> int:
+    """How many shards are worked on at once: `workers` threads in this process, or on the pool path
+    `pool_in_flight`, else the pool's concurrency limit, else every shard (the workers' own `--limit`
+    then decides how many run; the rest wait in the pool's queue, and the waiting threads' API calls
+    are paced by the `DispatchGate`)."""
     if not config.gpu_work_pool:
         return config.workers
     if config.pool_in_flight:
         return config.pool_in_flight
     with get_client(sync_client=True) as client:
         limit = client.read_work_pool(config.gpu_work_pool).concurrency_limit
-    return max(1, limit or partitions)
+    return max(1, limit or sum(len(cut_shards(job, config.shard_size)) for job in jobs))
 
 
 def check_partition_deployment(deployment: str, work_pool: str) -> None:

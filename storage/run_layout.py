@@ -4,6 +4,7 @@
 instructions/<category>/<cache_key>.safetensors (+ .json, .cube)   learned once, reused across runs
 edited/run=<run_id>/<category>/<partition>/<image_id>.png           one output per item
 edited/run=<run_id>/_done/<partition>.json                          partition completion marker
+edited/run=<run_id>/_shards/<partition>/<shard>.json                a shard's rows, until its partition is merged
 edited/run=<run_id>/contact-sheets/<category>.png                   the reviewer's first look
 manifest/run=<run_id>/part-<partition>.parquet                      one row per item (storage.manifest)
 review/run=<run_id>/gate.json                                       the review deadline, fixed once
@@ -14,6 +15,7 @@ runs/<run_id>/summary.json                                          the run's su
 runs/run=<run_id>/lease.json                                        the live flow run holding the id
 runs/run=<run_id>/run.parquet                                       the run table row (storage.run_table)
 runs/run=<run_id>/categories.parquet                                the run's per-category rows
+prefect-results/<cache key>                                         Prefect task results (JSON) a resume takes back
 ```
 
 Run ids and partitions become single key segments, so they hold no `/` and no `=` (a Hive-style
@@ -73,6 +75,12 @@ def output_key(run_id: str, category: str, partition: str, image_id: str) -> str
 
 def done_key(run_id: str, partition: str) -> str:
     return join_key(edited_prefix(run_id), "_done", f"{segment('partition', partition)}.json")
+
+
+def shard_key(run_id: str, partition: str, shard: int) -> str:
+    """One shard of a partition cut for the fan-out (tasks/edit.py): its rows and summary, written when
+    the shard is done and merged into the partition's manifest file."""
+    return join_key(edited_prefix(run_id), "_shards", segment("partition", partition), f"{shard:05d}.json")
 
 
 def contact_sheets_prefix(run_id: str) -> str:
@@ -168,6 +176,15 @@ def key_for_uri(store: Store, uri: str) -> str:
         raise ValueError(f"{uri} is not inside the store {store.uri}")
     rest = uri[len(root) :]
     return next(k for k in (rest, unquote(rest)) if store.uri_for(k) == uri) if "%" in rest else rest
+
+
+# prefect-results/
+RESULTS_PREFIX = "prefect-results"
+
+
+def result_key(path: str) -> str:
+    """`prefect-results/<path>`: a Prefect result record (its storage key is the task's cache key)."""
+    return join_key(RESULTS_PREFIX, path)
 
 
 # runs/run=<run_id>/ (the analytics tables of storage.run_table; Hive-style, one folder per run)

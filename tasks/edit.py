@@ -7,14 +7,26 @@ a partition interrupted anywhere is simply redone into the same keys, and a fini
 Two layers make a finished partition cost nothing the second time. Inside one refresh flow run
 (a suspended run resumed after review re-executes from the top) the task result is persisted and
 cached (`SAME_REFRESH_RUN`), so Prefect returns it as `Cached` without touching the store or the
-model. Across flow runs (a crash re-run of the same run id), or when the cached result is not on this
-machine, the completion marker in the store makes the task a skip.
+model. Across flow runs (a crash re-run of the same run id), or when the cached result cannot be
+read, the completion marker in the store makes the task a skip.
+
+The results live in the output store itself (`StoreResults`, under `prefect-results/`), so a run
+resumed on another worker, with another PREFECT_HOME, finds them; they are JSON, and a record that
+asks for any other serializer, or for a Python class to be imported on load, is refused (a cache
+miss), so whoever can write to the store cannot make a resume run code.
+
+A partition of more than `shard_size` items is cut into shards (`cut_shards`), each edited as its own
+task or pool run; a shard writes its rows to `_shards/` with the outputs, and `merge_shards` writes
+the partition's one manifest file and its marker once every shard is done. A finished shard is
+skipped like a finished partition, so a crash costs at most the shards in flight.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +38,10 @@ from PIL import Image
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.filesystems import WritableFileSystem
 from prefect.runtime import flow_run
+from prefect.serializers import Serializer
+from prefect.settings import get_current_settings
 
 from editing.instruct import LearnedInstruction, apply_instruction, load_instruction
 from editing.instruct.route import expected_output, qc_thresholds
@@ -36,7 +51,7 @@ from editing.seeds import item_seed
 from storage.images import ImageError, encode_png, load_image
 from storage.keys import InvalidKeyError
 from storage.manifest import keep_recorded_verdicts, manifest_row, write_manifest_partition
-from storage.run_layout import done_key, output_key
+from storage.run_layout import done_key, output_key, result_key, shard_key
 from storage.store import (
     AccessDeniedError,
     NotFoundError,
@@ -71,21 +86,92 @@ SAME_REFRESH_RUN = INPUTS + TASK_SOURCE + RootFlowRun()
 # The options of every task a resumed refresh takes back from result storage. JSON, not pickle: the
 # results are plain dicts, and a pickle in a shared result folder would run code when it is loaded.
 RESUMABLE = {"cache_policy": SAME_REFRESH_RUN, "persist_result": True, "result_serializer": "json"}
+# The one serializer a stored result may name (the defaults of Prefect's JSON serializer).
+_JSON_RECORD = Serializer(type="json").model_dump(mode="json")
+
+
+class StoreResults(WritableFileSystem):
+    """Prefect result storage in a catalogue store (local folder or S3, through storage.store), under
+    `prefect-results/`: every worker that can write the run's outputs can read its results back.
+
+    Reading refuses a record that is not plain JSON: another serializer (pickle runs code when it is
+    loaded) or Prefect's `__class__` / `__exc_type__` objects (their decoder imports the named module).
+    Prefect takes a refused record for a cache miss and runs the task again.
+    """
+
+    _block_type_name = "Retouch Store Results"
+    root: str
+
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+        data = open_store(self.root).get_bytes(result_key(path))
+        try:
+            record = json.loads(data)
+            plain = record["metadata"]["serializer"] == _JSON_RECORD and not _has_objects(json.loads(record["result"]))
+        except (ValueError, KeyError, TypeError):
+            plain = False
+        if not plain:
+            raise ValueError(f"{self.root}: result {path} is not a plain JSON record; not loaded")
+        return data
+
+    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
+        open_store(self.root).put_bytes(result_key(path), content, content_type="application/json")
+        return path
+
+    async def aread_path(self, path: str) -> bytes:
+        return self.read_path(path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        return self.write_path(path, content)
+
+
+def _has_objects(value: object) -> bool:
+    if isinstance(value, dict):
+        return "__class__" in value or "__exc_type__" in value or any(_has_objects(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_objects(v) for v in value)
+    return False
+
+
+def resumable(output_uri: str) -> dict:
+    """The task options of everything a resumed refresh takes back: RESUMABLE, with the results in the
+    run's output store, the one place every worker of the run shares."""
+    return {**RESUMABLE, "result_storage": store_results(output_uri)}
+
+
+_SAVED: dict[tuple[str | None, str], StoreResults] = {}
+_SAVED_LOCK = threading.Lock()
+
+
+def store_results(output_uri: str) -> StoreResults:
+    """The result storage of `output_uri`, saved as a block on the Prefect server (Prefect refuses an
+    unsaved one) under a name derived from the root, once per process and server."""
+    server = get_current_settings().api.url
+    with _SAVED_LOCK:
+        if (server, output_uri) not in _SAVED:
+            block = StoreResults(root=output_uri)
+            block.save(f"retouch-results-{hashlib.sha256(output_uri.encode()).hexdigest()[:16]}", overwrite=True)
+            _SAVED[server, output_uri] = block
+        return _SAVED[server, output_uri]
+
+
 # Failures of the store itself, not of one item: the partition fails and is retried as a whole.
 _NOT_ITEM_ERRORS = (StoreUnavailableError, AccessDeniedError)
 
 
 @task(retries=1, retry_delay_seconds=[10], **RESUMABLE)
-def edit_partition(job: PartitionJob) -> dict:
-    """Edit every item of the partition (or skip it if a previous attempt finished); returns its summary."""
+def edit_partition(job: PartitionJob, shard: int | None = None) -> dict:
+    """Edit every item of the partition, or of one shard of it (`job.items` is then the shard's slice),
+    unless a previous attempt finished it; returns its summary."""
     out = open_store(job.output_uri)
-    marker = done_key(job.run_id, job.partition)
-    if out.exists(marker):
-        return {**json.loads(out.get_bytes(marker)), "skipped": True}
+    if (done := finished(job, shard)) is not None:
+        return done
     started = time.monotonic()
     rows = []
     for category, items in groupby(sorted(job.items, key=lambda i: i["category"]), key=lambda i: i["category"]):
         rows += edit_category(job, category, list(items))
+    if shard is not None:
+        return write_shard(out, job, shard, rows, time.monotonic() - started)
+    marker = done_key(job.run_id, job.partition)
     # A rewrite (lost marker, reused run id) must not send reviewed rows back to pending.
     rows = keep_recorded_verdicts(out, job.run_id, job.partition, rows)
     write_manifest_partition(out, job.run_id, job.partition, rows)
@@ -93,6 +179,73 @@ def edit_partition(job: PartitionJob) -> dict:
     out.put_bytes(marker, json.dumps(summary, sort_keys=True).encode(), content_type="application/json")
     get_run_logger().info("partition %s: %d items, QC %s, %.1f s", job.partition, summary["items"],
                           summary["qc_status"], summary["duration_s"])
+    return {**summary, "skipped": False}
+
+
+def write_shard(out: Store, job: PartitionJob, shard: int, rows: list[dict], duration_s: float) -> dict:
+    """Keep a shard's rows until `merge_shards` writes its partition's manifest file."""
+    summary = partition_summary(job.partition, rows, duration_s)
+    record = json.dumps({"summary": summary, "rows": rows}, default=datetime.isoformat)
+    out.put_bytes(shard_key(job.run_id, job.partition, shard), record.encode(), content_type="application/json")
+    get_run_logger().info("partition %s shard %d: %d items, %.1f s", job.partition, shard, summary["items"],
+                          summary["duration_s"])
+    return {**summary, "shard": shard, "skipped": False}
+
+
+def cut_shards(job: PartitionJob, shard_size: int) -> list[tuple[PartitionJob, int | None]]:
+    """The partition's work orders: the partition itself (shard None) if it has at most `shard_size`
+    items, else slices of at most `shard_size` items in image id order, numbered from 0.
+
+    The order is fixed by the items alone, so a re-run of the same run id cuts the same shards; a
+    shard file whose items differ from its slice (shard_size changed in between) is redone.
+    """
+    if len(job.items) <= shard_size:
+        return [(job, None)]
+    items = sorted(job.items, key=lambda item: item["image_id"])
+    return [(job.model_copy(update={"items": items[start:start + shard_size]}), n)
+            for n, start in enumerate(range(0, len(items), shard_size))]
+
+
+def finished(job: PartitionJob, shard: int | None = None) -> dict | None:
+    """The summary of finished work (`skipped: True`): the partition's marker, else the shard's file if
+    it holds exactly the shard's items; None if the work is still to do."""
+    out = open_store(job.output_uri)
+    marker = done_key(job.run_id, job.partition)
+    if out.exists(marker):
+        return {**json.loads(out.get_bytes(marker)), "skipped": True}
+    if shard is None or not out.exists(key := shard_key(job.run_id, job.partition, shard)):
+        return None
+    record = json.loads(out.get_bytes(key))
+    if sorted(row["image_id"] for row in record["rows"]) != sorted(item["image_id"] for item in job.items):
+        return None
+    return {**record["summary"], "shard": shard, "skipped": True}
+
+
+@task(retries=1, retry_delay_seconds=[10], **RESUMABLE)
+def merge_shards(job: PartitionJob, shards: int) -> dict:
+    """Write the partition's manifest file from its shards' rows, then its marker; returns its summary.
+
+    Every shard must be done: a missing one is an error, not a smaller partition.
+    """
+    if (done := finished(job)) is not None:
+        return done
+    out = open_store(job.output_uri)
+    records = []
+    for shard in range(shards):
+        key = shard_key(job.run_id, job.partition, shard)
+        if not out.exists(key):
+            raise RuntimeError(f"partition {job.partition}: shard {shard} of {shards} has no result")
+        records.append(json.loads(out.get_bytes(key)))
+    rows = [row for record in records for row in record["rows"]]
+    if sorted(row["image_id"] for row in rows) != sorted(item["image_id"] for item in job.items):
+        raise RuntimeError(f"partition {job.partition}: its shards' rows do not match its items")
+    rows = keep_recorded_verdicts(out, job.run_id, job.partition, rows)
+    write_manifest_partition(out, job.run_id, job.partition, rows)
+    summary = partition_summary(job.partition, rows, sum(r["summary"]["duration_s"] for r in records))
+    out.put_bytes(done_key(job.run_id, job.partition), json.dumps(summary, sort_keys=True).encode(),
+                  content_type="application/json")
+    get_run_logger().info("partition %s: %d shards merged, %d items, QC %s", job.partition, shards,
+                          summary["items"], summary["qc_status"])
     return {**summary, "skipped": False}
 
 

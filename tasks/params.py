@@ -276,6 +276,17 @@ class RefreshConfig(_Config):
         "changes no state for this long is marked Crashed and sent to the pool again (its worker was "
         "lost). Heartbeats come every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30 on the partition "
         "deployment, Prefect's minimum); keep this above the time a worker needs to start a run.")
+    shard_size: int = Field(
+        500, ge=1, le=100_000,
+        description="A partition of more items is cut into shards of at most this many, each edited as its own "
+        "task (or pool flow run); the manifest stays one file per partition. Flow runs per night on the pool = "
+        "the sum over partitions of ceil(items / shard_size): size a shard to take minutes on one worker "
+        "(deployments/README.md, Sizing).")
+    dispatch_calls_per_s: float = Field(
+        10, gt=0, le=1000,
+        description="gpu_work_pool only: Prefect API calls per second of the dispatch (starting shard runs and "
+        "polling them), all shards together and at most 4 at once, so a large night stays under the API's "
+        "rate limits.")
     learn: LearnParams = Field(default_factory=LearnParams, description="Instruction learning.")
     apply: ApplyParams = Field(default_factory=ApplyParams, description="Applying instructions to the catalogue.")
     qc: QCConfig = Field(default_factory=QCConfig, description="Quality-check thresholds.")

@@ -1,0 +1,200 @@
+"""Coarse, bounded fan-out: partitions larger than `shard_size` are edited in shards, merged into one
+manifest file per partition; shards in flight are bounded by the thread pool (`workers`), and on the
+pool path every dispatch call passes the one `DispatchGate`.
+
+A local store, the LUT route and 40-pixel images: the refreshes take seconds and no model runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from uuid import uuid4
+
+import pytest
+from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import refresh
+from flows.learn import learn_instructions
+from storage.manifest import read_manifest
+from storage.run_layout import done_key, manifest_prefix, shard_key
+from storage.store import open_store
+from tasks import edit
+from tasks.params import ApplyParams, LearnParams, PartitionJob, RefreshConfig, ReviewConfig
+from tests.flows.reliability_helpers import LENIENT_QC, assert_nothing_lost, build_shop
+from tests.tiny_models import build_tiny_ip2p
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+PARTITIONS, PER_PARTITION, SHARD_SIZE = 3, 5, 2  # 3 shards per partition: 2 + 2 + 1 items
+
+
+class Concurrency:
+    """Counts how many calls of a wrapped function run at once, and when each started."""
+
+    def __init__(self, hold_s: float = 0.0):
+        self.hold_s, self.now, self.most, self.starts = hold_s, 0, 0, []
+        self._lock = threading.Lock()
+
+    def wrap(self, fn):
+        def wrapper(*args, **kwargs):
+            with self._lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+                self.starts.append(time.monotonic())
+            try:
+                time.sleep(self.hold_s)
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.now -= 1
+
+        return wrapper
+
+
+def config(store_uri: str, run_id: str, model: Path, **fields) -> RefreshConfig:
+    return RefreshConfig(
+        store_uri=store_uri, run_id=run_id, model_uri=str(model), workers=2, shard_size=SHARD_SIZE,
+        learn=LearnParams(steps=2, min_pairs=2, route="lut", lut_size=9),
+        apply=ApplyParams(num_inference_steps=2, batch_size=4), qc=LENIENT_QC,
+        review=ReviewConfig(policy="auto_approve_passing", timeout_s=60, poll_interval_s=1), **fields)
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory) -> tuple[str, Path, object]:
+    root = tmp_path_factory.mktemp("shard-shop")
+    index = build_shop(open_store(str(root / "shop")), partitions=PARTITIONS, per_partition=PER_PARTITION)
+    return str(root / "shop"), build_tiny_ip2p(root / "tiny-ip2p"), index
+
+
+def job(n: int) -> PartitionJob:
+    items = [{"image_id": f"sku-{i:02d}", "key": f"k/{i}.png", "category": "warm"} for i in reversed(range(n))]
+    return PartitionJob(store_uri="s", output_uri="o", run_id="r", partition="p0", items=items, instructions={})
+
+
+def test_a_partition_is_cut_into_shards_of_at_most_shard_size_in_image_id_order():
+    small = job(3)
+    assert edit.cut_shards(small, 3) == [(small, None)]
+    shards = edit.cut_shards(job(7), 3)
+    assert [shard for _, shard in shards] == [0, 1, 2]
+    assert [[i["image_id"] for i in j.items] for j, _ in shards] == [
+        ["sku-00", "sku-01", "sku-02"], ["sku-03", "sku-04", "sku-05"], ["sku-06"]]
+    assert all(j.partition == "p0" and j.run_id == "r" for j, _ in shards)
+
+
+def test_sharded_refresh_keeps_one_manifest_file_per_partition_and_bounds_shards_in_flight(shop, monkeypatch):
+    store_uri, model, index = shop
+    editing = Concurrency(hold_s=0.3)
+    monkeypatch.setattr(edit, "edit_category", editing.wrap(edit.edit_category))
+    summary = refresh.catalogue_refresh(config(store_uri, "sharded", model))
+
+    out = open_store(store_uri)
+    assert sorted(out.list(manifest_prefix("sharded") + "/")) == [
+        f"{manifest_prefix('sharded')}/part-p{p}.parquet" for p in range(PARTITIONS)]
+    manifest = assert_nothing_lost(out, "sharded", index)
+    assert len(manifest) == PARTITIONS * PER_PARTITION
+    assert set(manifest["method"]) == {"lut"}
+    for p in range(PARTITIONS):
+        assert json.loads(out.get_bytes(done_key("sharded", f"p{p}")))["items"] == PER_PARTITION
+        assert [len(json.loads(out.get_bytes(shard_key("sharded", f"p{p}", s)))["rows"]) for s in range(3)] == [2, 2, 1]
+    assert summary["partitions"] == {"total": PARTITIONS, "done": PARTITIONS, "skipped": 0}
+    # The task results a resume takes back are JSON records in the output store.
+    records = [json.loads(out.get_bytes(k)) for k in out.list("prefect-results/")]
+    assert len(records) >= 1 + 1 + 9 + PARTITIONS  # ingest, learning, the shards, the merges (and the reports)
+    # (A subflow's own result is stored bare, without its record: JSON too, and never read back.)
+    assert {r["metadata"]["serializer"]["type"] for r in records if "metadata" in r} == {"json"}
+    # 9 shards (one or two categories each), `workers=2` threads: never more than two at once.
+    assert editing.most == 2
+
+
+def test_a_rerun_redoes_only_the_unfinished_shard(shop, monkeypatch):
+    store_uri, model, index = shop
+    out = open_store(store_uri)
+    refresh.catalogue_refresh(config(store_uri, "resharded", model))
+    # A crash after shard 0 and 2 of p1 were written, before shard 1 and the merge.
+    out.delete(done_key("resharded", "p1"))
+    out.delete(shard_key("resharded", "p1", 1))
+    edited = []
+    real = edit.edit_category
+    monkeypatch.setattr(edit, "edit_category", lambda job, category, items: edited.extend(
+        i["image_id"] for i in items) or real(job, category, items))
+
+    summary = refresh.catalogue_refresh(config(store_uri, "resharded", model))
+
+    p1 = sorted(index[index["partition"] == "p1"]["image_id"])
+    assert sorted(edited) == p1[2:4], "only shard 1 of p1 is edited again"
+    assert summary["partitions"] == {"total": PARTITIONS, "done": 1, "skipped": PARTITIONS - 1}
+    manifest = assert_nothing_lost(out, "resharded", index)
+    assert len(manifest) == PARTITIONS * PER_PARTITION
+
+
+def test_the_dispatch_gate_bounds_calls_at_once_and_per_second():
+    gate = refresh.DispatchGate(per_s=100, at_once=3)
+    calls = Concurrency(hold_s=0.05)
+    gated = calls.wrap(lambda: None)
+
+    def caller():
+        for _ in range(5):
+            with gate.call():
+                gated()
+
+    threads = [threading.Thread(target=caller) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    starts = sorted(calls.starts)
+    assert len(starts) == 60
+    assert calls.most == 3
+    # Paced: 60 starts at 100/s span at least 0.59 s (less a late first wake-up).
+    assert starts[-1] - starts[0] > 59 / 100 - 0.05
+
+
+def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkeypatch):
+    """The pool path with the API faked: `run_deployment` edits the shard in place (a worker's job)
+    and the run reads back Completed; 9 shards in flight at once make 18 calls through a 20/s gate."""
+    store_uri, model, index = shop
+    cfg = config(store_uri, "pooled", model, gpu_work_pool="gpu", dispatch_calls_per_s=20)
+    instructions = learn_instructions(cfg)
+    jobs = [refresh.partition_job(cfg, "pooled", p, [dict(r) for r in rows.to_dict("records")], instructions)
+            for p, rows in index.groupby("partition")]
+    calls = Concurrency()
+    shards_run = []
+
+    def run_deployment(deployment, parameters, timeout, tags):
+        assert deployment == "refresh-partition/gpu" and timeout == 0 and tags == ["run:pooled"]
+        shards_run.append((parameters["job"]["partition"], parameters["shard"]))
+        edit.edit_partition.fn(PartitionJob.model_validate(parameters["job"]), parameters["shard"])
+        return SimpleNamespace(id=uuid4())
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read_flow_run(self, flow_run_id):
+            return SimpleNamespace(state=Completed(), name="fake", state_name="Completed")
+
+    monkeypatch.setattr(refresh, "run_deployment", calls.wrap(run_deployment))
+    monkeypatch.setattr(refresh, "get_client", lambda sync_client: Client())
+    monkeypatch.setattr(Client, "read_flow_run", calls.wrap(Client.read_flow_run))
+    monkeypatch.setattr(refresh, "check_partition_deployment", lambda deployment, pool: None)
+
+    started = time.monotonic()
+    summaries = refresh.edit_partitions.with_options(task_runner=ThreadPoolTaskRunner(max_workers=9))(jobs, cfg)
+
+    assert sorted(shards_run) == [(f"p{p}", s) for p in range(PARTITIONS) for s in range(3)]
+    assert [s["items"] for s in summaries] == [PER_PARTITION] * PARTITIONS
+    starts = sorted(calls.starts)
+    assert len(starts) == 18
+    assert starts[-1] - starts[0] > 17 / 20 - 0.05
+    assert time.monotonic() - started > 17 / 20
+    assert calls.most <= refresh.API_AT_ONCE
+    manifest = read_manifest(open_store(store_uri), "pooled")
+    assert sorted(manifest["image_id"]) == sorted(index["image_id"])
