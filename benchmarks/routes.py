@@ -3,7 +3,8 @@ stage, the learned stage alone, and `auto`, against doing nothing; plus LUT agai
 application speed, measured in the same run.
 
 `lut` is the photometric stage as the product fits it (the LUT, with a light field under it when
-leaving each pair out shows one helps); `lut_colour` is the LUT alone, for comparison.
+leaving each pair out shows one helps); `lut_colour` is the LUT alone, for comparison; `classical` is what a retoucher could do without
+the model (the photometric stage, then a Gaussian blur of the sigma that best fits the exemplars).
 
 Each category is a transform none of the shipped model's training edits is (compositions, a cast
 it never saw, spatial edits), built from crops of the held-out photos (editing.photos "heldout"):
@@ -71,6 +72,7 @@ SPATIAL: dict[str, Callable[[Tensor], Tensor]] = {
     "cool_blur": lambda x: blur(cool(x)),
 }
 ROUTES = ("lut", "lut+instructbrush", "instructbrush")
+BLUR_FRACTIONS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06)
 
 
 def _category(model, name: str, transform, index: int, steps: int) -> dict:
@@ -85,6 +87,7 @@ def _category(model, name: str, transform, index: int, steps: int) -> dict:
     seeds = [item_seed("bench", pid, name) for pid, _ in test]
     colour_only = learn_routed(model, pairs, config, RouteConfig(route="lut", light_field=False), category=name)
     row["lut_colour"] = score(apply_instruction(model, colour_only, sources, seeds=seeds), truths)
+    row["classical"], row["classical_blur"] = _classical(pairs, sources, truths)
     for route in ROUTES:
         started = time.perf_counter()
         learned = learn_routed(model, pairs, config, RouteConfig(route=route), category=name)
@@ -98,6 +101,24 @@ def _category(model, name: str, transform, index: int, steps: int) -> dict:
     row["auto_route"] = auto.route
     row["auto"] = score(apply_instruction(model, auto, sources, seeds=seeds), truths)
     return row
+
+
+def _classical(pairs, sources, truths) -> tuple[dict, float]:
+    """What a retoucher could do without the model: a Gaussian blur whose sigma (a fraction of the
+    shorter side, 0 = none) best fits the exemplar pairs, then the photometric stage (LUT and light
+    field) fitted on the blurred befores."""
+
+    def soften(image: Image.Image, fraction: float) -> Image.Image:
+        return tensor_to_pil(blur(pil_to_tensor(image.convert("RGB"))[None], fraction)[0])
+
+    fits = {}
+    for fraction in BLUR_FRACTIONS:
+        blurred = [InstructionPair(p.pair_id, soften(p.before, fraction), p.after, p.sha256) for p in pairs]
+        stage = fit_photometric(blurred, RouteConfig())
+        fits[fraction] = (score([stage(p.before) for p in blurred], [p.after for p in pairs])["psnr"], stage)
+    best = max(fits, key=lambda f: fits[f][0])
+    stage = fits[best][1]
+    return score([stage(soften(s, best)) for s in sources], truths), best
 
 
 def _speed(model, steps: int, repeats: int) -> dict:
@@ -163,10 +184,10 @@ def main() -> None:
         rows.append(_category(model, name, transforms[name], list(transforms).index(name), args.steps))
         row = rows[-1]
         figures = ", ".join(f"{c} {row[c]['psnr']:.2f} dB / dE {row[c]['deltae2000_mean']:.2f}"
-                            for c in ("identity", "lut_colour", *ROUTES, "auto"))
-        figures += f"; light field: {row['light_field']['reason']}"
+                            for c in ("identity", "lut_colour", *ROUTES, "auto", "classical"))
+        figures += f" (blur {row['classical_blur']}); light field: {row['light_field']['reason']}"
         print(f"  {name}: auto -> {row['auto_route']} ({row['auto_choose_s']:.0f} s to learn); {figures}", flush=True)
-    columns = ("identity", "lut_colour", *ROUTES, "auto")
+    columns = ("identity", "lut_colour", *ROUTES, "auto", "classical")
     print("\nPSNR dB / mean CIEDE2000 against the true edit (5 held-out crops per category)")
     print("| category | kind | " + " | ".join(columns) + " | auto route | auto - best |")
     print("|---|---|" + "---:|" * len(columns) + "---|---:|")

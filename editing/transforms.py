@@ -80,9 +80,11 @@ def decrease_contrast(x: Tensor) -> Tensor:
     return (x - 0.5) * 0.55 + 0.5
 
 
-def blur(x: Tensor) -> Tensor:
-    """Gaussian blur with sigma 3.5% of the shorter side (2.2 px at 64 px)."""
-    sigma = 0.035 * min(x.shape[-2:])
+def blur(x: Tensor, fraction: float = 0.035) -> Tensor:
+    """Gaussian blur with sigma `fraction` of the shorter side (3.5%: 2.2 px at 64 px)."""
+    if fraction <= 0:
+        return x
+    sigma = fraction * min(x.shape[-2:])
     radius = min(max(1, int(3 * sigma + 0.5)), min(x.shape[-2:]) - 1)
     offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
