@@ -42,7 +42,7 @@ def model_step(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int]]]:
     qc = SimpleNamespace(ssim_structure=1.0, edit_strength=1.0, direction_agreement=1.0, clipped_fraction=0.0,
                          status="pass", figures=dict)
     monkeypatch.setattr(edit, "cached_model", lambda *a: SimpleNamespace(model_id="stand-in", sha256="0" * 64))
-    instruction = SimpleNamespace(route="instructbrush", learned_stage=True, lut=None, metadata={})
+    instruction = SimpleNamespace(route="instructbrush", learned_stage=True, lut=None, light_field=None, metadata={})
     monkeypatch.setattr(edit, "cached_instruction", lambda *a: instruction)
     monkeypatch.setattr(edit, "apply_instruction", apply_instruction)
     monkeypatch.setattr(edit, "assess", lambda *a, **k: qc)
