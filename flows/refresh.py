@@ -14,42 +14,27 @@ every shard is one flow run, and every API call of the dispatch passes one `Disp
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
-from uuid import UUID
 
-from prefect import flow, get_client, get_run_logger, task, unmapped
-from prefect.client.orchestration import SyncPrefectClient
-from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.deployments import run_deployment
-from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.futures import wait
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Crashed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.dispatch import check_partition_deployment, in_flight, run_on_pool
 from flows.learn import learn_instructions
 from flows.review import check_review_policy, review_and_publish
 from storage.run_layout import edited_prefix, manifest_prefix
 from storage.store import open_store
-from tasks.edit import cut_shards, edit_partition, finished, merge_shards, resumable
+from tasks.edit import cut_shards, edit_partition, merge_shards, resumable
 from tasks.ingest import catalogue_partitions
 from tasks.lease import acquire_run_lease, release_run_lease
 from tasks.monitor import record_run
 from tasks.params import PartitionJob, RefreshConfig
 from tasks.report import report_category, write_run_summary
-from tasks.review import run_tag
-
-# A partition whose runs keep crashing (a poison input that kills the process) stops being resent.
-MAX_DISPATCHES = 3
-# Seconds between two looks at a partition run on the pool: two API calls per look and partition.
-POLL_S = 5
-HEARTBEAT = "prefect.flow-run.heartbeat"
-# Prefect API calls of the dispatch in flight at once, whatever the rate.
-API_AT_ONCE = 4
 
 
 @flow(name="catalogue-refresh", on_completion=[release_run_lease], on_failure=[release_run_lease],
@@ -142,132 +127,12 @@ def edit_partition_on_pool(job: PartitionJob, deployment: str, silence_s: int = 
 
     Finished work (a partition marker, a shard file) is not sent to the pool again: a re-run would
     otherwise start (and wait for) one GPU flow run per finished shard just to skip it. A run whose
-    worker was lost is marked Crashed (`wait_for_partition_run`) and the shard is sent again, to
+    worker was lost is marked Crashed (flows/dispatch.py) and the shard is sent again, to
     whichever worker takes it: the new run skips nothing it should not, since only finished work has
     a marker, and rewrites the lost run's outputs into the same keys. Every API call of this goes
     through the process's one `DispatchGate` for `calls_per_s`.
     """
-    if (done := finished(job, shard)) is not None:
-        return done
-    gate = dispatch_gate(calls_per_s)
-    name = job.partition if shard is None else f"{job.partition} shard {shard}"
-    parameters = {"job": job.model_dump(mode="json"), **({"shard": shard} if shard is not None else {})}
-    for dispatch in range(1, MAX_DISPATCHES + 1):
-        with gate.call():
-            run = run_deployment(deployment, parameters=parameters, timeout=0, tags=[run_tag(job.run_id)])
-        run = wait_for_partition_run(run.id, silence_s, gate)
-        if run.state.is_completed():
-            return {**finished(job, shard), "skipped": False}
-        if not run.state.is_crashed():
-            raise RuntimeError(f"partition {name}: flow run {run.name} ended {run.state_name}")
-        get_run_logger().warning("partition %s: flow run %s crashed (%s); sending the partition again "
-                                 "(dispatch %d of %d)", name, run.name, run.state.message,
-                                 dispatch + 1, MAX_DISPATCHES)
-    raise RuntimeError(f"partition {name}: {MAX_DISPATCHES} flow runs crashed in a row")
-
-
-class DispatchGate:
-    """The one bound on the dispatch's Prefect API calls in this process: at most `at_once` calls at a
-    time and `per_s` calls per second, however many shards are in flight (thousands of unpaced
-    `run_deployment` calls and polls are what draws HTTP 429 from an API).
-
-    A call takes the next free start time, one `1 / per_s` after the previous one, and sleeps until
-    then while holding one of the `at_once` slots.
-    """
-
-    def __init__(self, per_s: float, at_once: int = API_AT_ONCE):
-        self.per_s, self.at_once = per_s, at_once
-        self._slots = threading.BoundedSemaphore(at_once)
-        self._lock = threading.Lock()
-        self._next = 0.0
-
-    @contextmanager
-    def call(self) -> Iterator[None]:
-        with self._slots:
-            with self._lock:
-                start = max(self._next, time.monotonic())
-                self._next = start + 1 / self.per_s
-            time.sleep(max(0.0, start - time.monotonic()))
-            yield
-
-
-_GATES: dict[float, DispatchGate] = {}
-_GATES_LOCK = threading.Lock()
-
-
-def dispatch_gate(per_s: float) -> DispatchGate:
-    """The process's gate for this rate: every shard of a refresh shares it."""
-    with _GATES_LOCK:
-        return _GATES.setdefault(per_s, DispatchGate(per_s))
-
-
-def wait_for_partition_run(flow_run_id: UUID, silence_s: float, gate: DispatchGate) -> FlowRun:
-    """The partition run once it is final; a run its worker lost is marked Crashed first.
-
-    A run a worker has taken (Pending, Running, Cancelling) proves it is alive by changing state or
-    by sending flow-run heartbeats (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, set on the partition
-    deployment). One that does neither for `silence_s` (a SIGKILLed or vanished worker: nothing is
-    left to report it) is marked Crashed here, or Cancelled if someone had asked to cancel it.
-    Silence is measured on this process's own clock, so clock skew between machines does not count.
-    A run still waiting in the pool's queue (Scheduled, Late) is waited for without a bound: it waits
-    for capacity, not for a dead worker, and Prefect shows it as Late.
-    """
-    seen, since = None, time.monotonic()
-    with get_client(sync_client=True) as client:
-        while True:
-            with gate.call():
-                run = client.read_flow_run(flow_run_id)
-            if run.state is not None and run.state.is_final():
-                return run
-            taken = run.state is not None and run.state.type in (StateType.PENDING, StateType.RUNNING,
-                                                                   StateType.CANCELLING)
-            if taken:
-                with gate.call():
-                    sign = (run.state.id, last_heartbeat(client, flow_run_id))
-            else:
-                sign = None
-            if sign != seen:
-                seen, since = sign, time.monotonic()
-            elif taken and time.monotonic() - since > silence_s:
-                give_up = Cancelled if run.state.type == StateType.CANCELLING else Crashed
-                message = (f"no heartbeat or state change for {time.monotonic() - since:.0f} s while "
-                           f"{run.state_name}: its worker was lost")
-                get_run_logger().warning("flow run %s: %s; marking it %s", run.name, message, give_up.__name__)
-                with gate.call():
-                    client.set_flow_run_state(flow_run_id, give_up(message=message), force=True)
-                continue
-            time.sleep(POLL_S)
-
-
-def last_heartbeat(client: SyncPrefectClient, flow_run_id: UUID) -> UUID | None:
-    """The id of the newest heartbeat event of the flow run, if any."""
-    page = client.read_events(EventFilter(event=EventNameFilter(name=[HEARTBEAT]),
-                                          resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"])),
-                              limit=1)
-    return page.events[0].id if page.events else None
-
-
-def in_flight(config: RefreshConfig, jobs: list[PartitionJob]) -> int:
-    """How many shards are worked on at once: `workers` threads in this process, or on the pool path
-    `pool_in_flight`, else the pool's concurrency limit, else every shard (the workers' own `--limit`
-    then decides how many run; the rest wait in the pool's queue, and the waiting threads' API calls
-    are paced by the `DispatchGate`)."""
-    if not config.gpu_work_pool:
-        return config.workers
-    if config.pool_in_flight:
-        return config.pool_in_flight
-    with get_client(sync_client=True) as client:
-        limit = client.read_work_pool(config.gpu_work_pool).concurrency_limit
-    return max(1, limit or sum(len(cut_shards(job, config.shard_size)) for job in jobs))
-
-
-def check_partition_deployment(deployment: str, work_pool: str) -> None:
-    """Refuse to fan out to a deployment that would run on another pool than the one configured."""
-    with get_client(sync_client=True) as client:
-        found = client.read_deployment_by_name(deployment)
-    if found.work_pool_name != work_pool:
-        raise ValueError(f"deployment {deployment} runs on pool {found.work_pool_name!r}, "
-                         f"config says gpu_work_pool={work_pool!r}")
+    return run_on_pool(job, deployment, silence_s, shard, calls_per_s)
 
 
 def partition_job(config: RefreshConfig, run_id: str, partition: str, items: list[dict],

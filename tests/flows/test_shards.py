@@ -18,7 +18,7 @@ import pytest
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import refresh
+from flows import dispatch, refresh
 from flows.learn import learn_instructions
 from storage.manifest import read_manifest
 from storage.run_layout import done_key, manifest_prefix, shard_key
@@ -133,7 +133,7 @@ def test_a_rerun_redoes_only_the_unfinished_shard(shop, monkeypatch):
 
 
 def test_the_dispatch_gate_bounds_calls_at_once_and_per_second():
-    gate = refresh.DispatchGate(per_s=100, at_once=3)
+    gate = dispatch.DispatchGate(per_s=100, at_once=3)
     calls = Concurrency(hold_s=0.05)
     gated = calls.wrap(lambda: None)
 
@@ -181,8 +181,8 @@ def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkey
         def read_flow_run(self, flow_run_id):
             return SimpleNamespace(state=Completed(), name="fake", state_name="Completed")
 
-    monkeypatch.setattr(refresh, "run_deployment", calls.wrap(run_deployment))
-    monkeypatch.setattr(refresh, "get_client", lambda sync_client: Client())
+    monkeypatch.setattr(dispatch, "run_deployment", calls.wrap(run_deployment))
+    monkeypatch.setattr(dispatch, "get_client", lambda sync_client: Client())
     monkeypatch.setattr(Client, "read_flow_run", calls.wrap(Client.read_flow_run))
     monkeypatch.setattr(refresh, "check_partition_deployment", lambda deployment, pool: None)
 
@@ -195,6 +195,6 @@ def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkey
     assert len(starts) == 18
     assert starts[-1] - starts[0] > 17 / 20 - 0.05
     assert time.monotonic() - started > 17 / 20
-    assert calls.most <= refresh.API_AT_ONCE
+    assert calls.most <= dispatch.API_AT_ONCE
     manifest = read_manifest(open_store(store_uri), "pooled")
     assert sorted(manifest["image_id"]) == sorted(index["image_id"])
