@@ -179,7 +179,7 @@ def main() -> None:
     print(f"model {model.model_id} ({model.sha256[:12]}), {args.steps} learning steps, {args.threads} threads")
     transforms = {**GLOBAL, **SPATIAL}
     rows = []
-    for name in args.categories.split(","):
+    for name in [c for c in args.categories.split(",") if c]:  # --categories "" measures speed only
         # the crops depend on the category, not on which categories this run measures
         rows.append(_category(model, name, transforms[name], list(transforms).index(name), args.steps))
         row = rows[-1]
@@ -206,9 +206,10 @@ def main() -> None:
         else:
             gain = row["lut+instructbrush"]["psnr"] - row["lut"]["psnr"]
             checks.append((f"{row['category']}: lut+instructbrush >= lut + 1 dB ({gain:+.2f})", gain >= 1))
-    learn = {r: statistics.mean(row[f"{r}_learn_s"] for row in rows) for r in ROUTES}
-    print("\nmean learning time per category: " + ", ".join(f"{r} {s:.1f} s" for r, s in learn.items())
-          + f", auto {statistics.mean(row['auto_choose_s'] for row in rows):.1f} s")
+    if rows:
+        learn = {r: statistics.mean(row[f"{r}_learn_s"] for row in rows) for r in ROUTES}
+        print("\nmean learning time per category: " + ", ".join(f"{r} {s:.1f} s" for r, s in learn.items())
+              + f", auto {statistics.mean(row['auto_choose_s'] for row in rows):.1f} s")
     if not args.skip_speed:
         speed = _speed(model, args.steps, args.repeats)
         ratio = speed["instructbrush_s"] / speed["lut_s"]

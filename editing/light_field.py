@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -136,14 +137,27 @@ def apply_light_field(field: LightField, image: Image.Image | Tensor) -> Image.I
     """The field applied at the image's own resolution: a PIL image gives an 8-bit PIL image, a float
     tensor (3, H, W) or (B, 3, H, W) a float tensor, clipped to [0, 1]."""
     if isinstance(image, Image.Image):
-        out = apply_light_field(field, _to_tensor(image))
-        return Image.fromarray(out.mul(255).round().byte().permute(1, 2, 0).numpy())
+        return _apply_8bit(field, image.convert("RGB"))
     if not isinstance(image, Tensor):
         raise TypeError(f"apply_light_field takes a PIL image or a tensor, got {type(image).__name__}")
-    height, width = image.shape[-2:]
-    maps = torch.stack([field.gain, field.offset])[None].to(image.device, torch.float32)
-    gain, offset = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=True)[0]
+    gain, offset = _maps(field, *image.shape[-2:], image.device)
     return (image.float() * gain + offset).clamp(0, 1).to(image.dtype)
+
+
+def _maps(field: LightField, height: int, width: int, device=None) -> tuple[Tensor, Tensor]:
+    """Gain and offset at every pixel, (height, width) each: bilinear from the lattice."""
+    maps = torch.stack([field.gain, field.offset])[None].to(device, torch.float32)
+    gain, offset = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=True)[0]
+    return gain, offset
+
+
+def _apply_8bit(field: LightField, image: Image.Image) -> Image.Image:
+    """The PIL path, in the image's own (H, W, 3) layout and in place, so a 4K photo costs a few
+    passes over its pixels rather than layout copies."""
+    gain, offset = _maps(field, image.height, image.width)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W, 3), 0..255
+    pixels.mul_(gain.unsqueeze(-1)).add_(offset.mul_(255).unsqueeze(-1)).clamp_(0, 255).add_(0.5)
+    return Image.fromarray(pixels.to(torch.uint8).numpy())
 
 
 def choose_light_field(
