@@ -53,8 +53,7 @@ def catalogue_refresh(config: RefreshConfig) -> dict:
         instructions = learn_once.with_options(**kept)(config)
     with stage(timings, "edit"):
         jobs = [partition_job(config, run_id, name, items, instructions) for name, items in partitions.items()]
-        edited = edit_partitions.with_options(task_runner=ThreadPoolTaskRunner(max_workers=in_flight(config, jobs)))(
-            jobs, config)
+        edited = edit_partitions(jobs, config)
     with stage(timings, "report"):
         categories = sorted({item["category"] for items in partitions.values() for item in items})
         reports = report_category.with_options(**kept).map(
@@ -79,28 +78,31 @@ def learn_once(config: RefreshConfig) -> dict[str, dict]:
     return learn_instructions(config)
 
 
-@flow(name="edit-partitions")
 def edit_partitions(jobs: list[PartitionJob], config: RefreshConfig) -> list[dict]:
     """One task per shard (a partition of at most `shard_size` items is one shard): in this process
     by default, as deployment runs on a GPU pool if set; then the partitions cut into shards are
     merged into one manifest file each. Returns one summary per partition.
 
     Every shard is waited for before a failure is raised, so one bad shard does not stop the others;
-    a re-run then only redoes the shards and partitions not yet done.
+    a re-run then only redoes the shards and partitions not yet done. Not a subflow: a subflow's
+    parameters (every item of the night) are stored with its flow run, and the API refuses more than
+    512 KB of them (about 4,500 items); the shards run on their own task runner, `in_flight` wide.
     """
     kept = resumable(config.output_uri)
     cuts = {job.partition: cut_shards(job, config.shard_size) for job in jobs}
     shard_jobs = [job for pieces in cuts.values() for job, _ in pieces]
     shards = [shard for pieces in cuts.values() for _, shard in pieces]
-    if config.gpu_work_pool:
-        check_partition_deployment(config.partition_deployment, config.gpu_work_pool)
-        futures = edit_partition_on_pool.with_options(**kept).map(
-            shard_jobs, unmapped(config.partition_deployment), unmapped(config.partition_silence_s), shards,
-            unmapped(config.dispatch_calls_per_s))
-    else:
-        futures = edit_partition.with_options(**kept).map(shard_jobs, shards)
-    wait(futures)
-    edited = {s["partition"]: s for s in (future.result() for future in futures)}
+    with ThreadPoolTaskRunner(max_workers=in_flight(config, jobs)) as runner:
+        if config.gpu_work_pool:
+            check_partition_deployment(config.partition_deployment, config.gpu_work_pool)
+            futures = runner.map(edit_partition_on_pool.with_options(**kept), {
+                "job": shard_jobs, "deployment": unmapped(config.partition_deployment),
+                "silence_s": unmapped(config.partition_silence_s), "shard": shards,
+                "calls_per_s": unmapped(config.dispatch_calls_per_s)})
+        else:
+            futures = runner.map(edit_partition.with_options(**kept), {"job": shard_jobs, "shard": shards})
+        wait(futures)
+        edited = {s["partition"]: s for s in (future.result() for future in futures)}
     cut = [job for job in jobs if len(cuts[job.partition]) > 1]
     if cut:
         merged = merge_shards.with_options(**kept).map(cut, [len(cuts[job.partition]) for job in cut]).result()

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 from uuid import uuid4
 
 import pytest
+from prefect import flow
 from prefect.states import Completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dispatch, refresh
 from flows.learn import learn_instructions
@@ -187,7 +187,7 @@ def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkey
     monkeypatch.setattr(refresh, "check_partition_deployment", lambda deployment, pool: None)
 
     started = time.monotonic()
-    summaries = refresh.edit_partitions.with_options(task_runner=ThreadPoolTaskRunner(max_workers=9))(jobs, cfg)
+    summaries = flow(name="pool-dispatch")(refresh.edit_partitions)(jobs, cfg.model_copy(update={"pool_in_flight": 9}))
 
     assert sorted(shards_run) == [(f"p{p}", s) for p in range(PARTITIONS) for s in range(3)]
     assert [s["items"] for s in summaries] == [PER_PARTITION] * PARTITIONS
