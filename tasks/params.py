@@ -277,11 +277,12 @@ class RefreshConfig(_Config):
         "lost). Heartbeats come every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30 on the partition "
         "deployment, Prefect's minimum); keep this above the time a worker needs to start a run.")
     shard_size: int = Field(
-        500, ge=1, le=100_000,
+        500, ge=1, le=2_000,
         description="A partition of more items is cut into shards of at most this many, each edited as its own "
         "task (or pool flow run); the manifest stays one file per partition. Flow runs per night on the pool = "
         "the sum over partitions of ceil(items / shard_size): size a shard to take minutes on one worker "
-        "(deployments/README.md, Sizing).")
+        "(deployments/README.md, Sizing). At most 2,000: a shard's items are its pool run's parameters, "
+        "which Prefect caps at 512 KB (about 4,500 items).")
     dispatch_calls_per_s: float = Field(
         10, gt=0, le=1000,
         description="gpu_work_pool only: Prefect API calls per second of the dispatch (starting shard runs and "
