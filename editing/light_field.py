@@ -95,6 +95,39 @@ def _second_differences(grid: int) -> Tensor:
     return torch.stack(rows)
 
 
+def _normal_equations(source, target, grid: int, work_size: int, index: int = 0) -> tuple[Tensor, Tensor, int]:
+    """One pair's share of the least-squares problem: (design^T design, design^T residual, samples)
+    over all channels of its pixels at `work_size`, clipped target pixels left out."""
+    x, y = _work(source, work_size).double(), _work(target, work_size).double()
+    if x.shape != y.shape:
+        raise ValueError(f"pair {index}: input {tuple(x.shape[-2:])} and target {tuple(y.shape[-2:])} differ in size")
+    basis = _basis(*x.shape[-2:], grid)
+    normal = torch.zeros(2 * grid * grid, 2 * grid * grid, dtype=torch.float64)
+    rhs = torch.zeros(2 * grid * grid, dtype=torch.float64)
+    count = 0
+    for channel in range(3):
+        xc, yc = x[channel].flatten(), y[channel].flatten()
+        keep = (yc > _CLIP) & (yc < 1 - _CLIP)
+        design = torch.cat([basis[keep] * xc[keep, None], basis[keep]], dim=1)
+        normal += design.T @ design
+        rhs += design.T @ (yc[keep] - xc[keep])
+        count += int(keep.sum())
+    return normal, rhs, count
+
+
+def _solve(shares: Sequence[tuple[Tensor, Tensor, int]], grid: int, smoothness: float) -> LightField:
+    """The field from the pairs' summed normal equations, with the ridge and smoothness prior."""
+    unknowns = grid * grid
+    normal, rhs = sum(share[0] for share in shares), sum(share[1] for share in shares)
+    scale = max(sum(share[2] for share in shares), 1) / unknowns
+    differences = _second_differences(grid)
+    penalty = differences.T @ differences
+    regulariser = torch.block_diag(penalty, penalty) * smoothness * scale
+    regulariser += torch.eye(2 * unknowns, dtype=torch.float64) * RIDGE * scale
+    solution = torch.linalg.solve(normal + regulariser, rhs)
+    return LightField((1 + solution[:unknowns].reshape(grid, grid)).float(), solution[unknowns:].reshape(grid, grid).float())
+
+
 def fit_light_field(
     pairs: Sequence[tuple[Image.Image | Tensor, Image.Image | Tensor]],
     grid: int = GRID,
@@ -106,31 +139,7 @@ def fit_light_field(
     ridge and towards a smooth field by `smoothness` times the data weight."""
     if not pairs:
         raise ValueError("fit_light_field needs at least one pair")
-    unknowns = grid * grid
-    normal = torch.zeros(2 * unknowns, 2 * unknowns, dtype=torch.float64)
-    rhs = torch.zeros(2 * unknowns, dtype=torch.float64)
-    count = 0
-    for index, (source, target) in enumerate(pairs):
-        x, y = _work(source, work_size).double(), _work(target, work_size).double()
-        if x.shape != y.shape:
-            raise ValueError(f"pair {index}: input {tuple(x.shape[-2:])} and target {tuple(y.shape[-2:])} differ in size")
-        basis = _basis(*x.shape[-2:], grid)
-        for channel in range(3):
-            xc, yc = x[channel].flatten(), y[channel].flatten()
-            keep = (yc > _CLIP) & (yc < 1 - _CLIP)
-            design = torch.cat([basis[keep] * xc[keep, None], basis[keep]], dim=1)
-            normal += design.T @ design
-            rhs += design.T @ (yc[keep] - xc[keep])
-            count += int(keep.sum())
-    scale = max(count, 1) / unknowns
-    differences = _second_differences(grid)
-    penalty = differences.T @ differences
-    regulariser = torch.block_diag(penalty, penalty) * smoothness * scale
-    regulariser += torch.eye(2 * unknowns, dtype=torch.float64) * RIDGE * scale
-    solution = torch.linalg.solve(normal + regulariser, rhs)
-    gain = 1 + solution[:unknowns].reshape(grid, grid)
-    offset = solution[unknowns:].reshape(grid, grid)
-    return LightField(gain.float(), offset.float())
+    return _solve([_normal_equations(s, t, grid, work_size, i) for i, (s, t) in enumerate(pairs)], grid, smoothness)
 
 
 def apply_light_field(field: LightField, image: Image.Image | Tensor) -> Image.Image | Tensor:
@@ -172,10 +181,11 @@ def choose_light_field(
     if len(pairs) < 3:
         return None, {"used": False, "reason": f"{len(pairs)} pairs: too few to check a light field on held-out pairs"}
     without, with_field = [], []
+    # Each pair's normal equations once; a fold sums the others' (no pair is downsampled twice).
+    shares = [_normal_equations(s, t, grid, work_size, i) for i, (s, t) in enumerate(pairs)]
     scored = [(_work(s, 2 * work_size), _work(t, 2 * work_size)) for s, t in pairs]
     for index, (source, target) in enumerate(scored):
-        others = [pair for i, pair in enumerate(scored) if i != index]
-        field = fit_light_field(others, grid=grid, work_size=work_size)
+        field = _solve([share for i, share in enumerate(shares) if i != index], grid, SMOOTHNESS)
         without.append(psnr(source, target))
         with_field.append(psnr(apply_light_field(field, source), target))
     mean_without, mean_with = sum(without) / len(without), sum(with_field) / len(with_field)
@@ -186,7 +196,7 @@ def choose_light_field(
         "held_out_psnr_with": round(mean_with, 3), "gain_db": round(gain, 3), "margin_db": margin_db,
         "reason": f"leave-one-pair-out gain {gain:+.2f} dB ({'>=' if used else '<'} margin {margin_db} dB)",
     }
-    return (fit_light_field(pairs, grid=grid, work_size=work_size) if used else None), report
+    return (_solve(shares, grid, SMOOTHNESS) if used else None), report
 
 
 def field_tensors(field: LightField, prefix: str = "field.") -> dict[str, Tensor]:
@@ -208,7 +218,5 @@ def remove_light_field(field: LightField, image: Image.Image | Tensor) -> Image.
     if isinstance(image, Image.Image):
         out = remove_light_field(field, _to_tensor(image))
         return Image.fromarray(out.mul(255).round().byte().permute(1, 2, 0).numpy())
-    height, width = image.shape[-2:]
-    maps = torch.stack([field.gain, field.offset])[None].to(image.device, torch.float32)
-    gain, offset = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=True)[0]
+    gain, offset = _maps(field, *image.shape[-2:], image.device)
     return ((image.float() - offset) / gain.clamp_min(0.05)).clamp(0, 1).to(image.dtype)

@@ -177,11 +177,15 @@ def choose_guidance(
     }
 
 
+def apply_photometric(lut, light_field, image: Image.Image) -> Image.Image:
+    """A photometric stage on one photo at its own resolution: the LUT, then the light field if any."""
+    out = apply_lut(lut, image.convert("RGB"))
+    return apply_light_field(light_field, out) if light_field is not None else out
+
+
 def photometric_output(instruction: LearnedInstruction, image: Image.Image) -> Image.Image:
-    """The instruction's photometric stage on one photo at its own resolution: the LUT, then the
-    light field when one was fitted."""
-    out = apply_lut(instruction.lut, image.convert("RGB"))
-    return apply_light_field(instruction.light_field, out) if instruction.light_field is not None else out
+    """The instruction's photometric stage on one photo (`apply_photometric`)."""
+    return apply_photometric(instruction.lut, instruction.light_field, image)
 
 
 def apply_instruction(

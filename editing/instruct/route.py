@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from editing.instruct.apply import ApplyConfig, apply_instruction, photometric_output
+from editing.instruct.apply import ApplyConfig, apply_instruction, apply_photometric, photometric_output
 from editing.instruct.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, LearnedInstruction
 from editing.instruct.init import Scorer
 from editing.instruct.learn import InstructionPair, LearnConfig, learn_instruction
@@ -36,7 +36,6 @@ from editing.instruct.ops import pil_to_tensor
 from editing.light_field import (
     GRID,
     LightField,
-    apply_light_field,
     choose_light_field,
     fit_light_field,
     remove_light_field,
@@ -99,8 +98,7 @@ class PhotometricStage:
     report: dict
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        out = apply_lut(self.lut, image.convert("RGB"))
-        return apply_light_field(self.light_field, out) if self.light_field is not None else out
+        return apply_photometric(self.lut, self.light_field, image)
 
 
 def fit_photometric(pairs: Sequence[InstructionPair], route_config: RouteConfig) -> PhotometricStage:
