@@ -17,7 +17,7 @@ from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.states import Cancelled, Crashed
 
-from tasks.edit import cut_shards, finished
+from tasks.edit import finished
 from tasks.params import PartitionJob, RefreshConfig
 from tasks.review import run_tag
 
@@ -133,7 +133,7 @@ def last_heartbeat(client: SyncPrefectClient, flow_run_id: UUID) -> UUID | None:
     return page.events[0].id if page.events else None
 
 
-def in_flight(config: RefreshConfig, jobs: list[PartitionJob]) -> int:
+def in_flight(config: RefreshConfig, shards: int) -> int:
     """How many shards are worked on at once: `workers` threads in this process, or on the pool path
     `pool_in_flight`, else the pool's concurrency limit, else every shard (the workers' own `--limit`
     then decides how many run; the rest wait in the pool's queue, and the waiting threads' API calls
@@ -144,7 +144,7 @@ def in_flight(config: RefreshConfig, jobs: list[PartitionJob]) -> int:
         return config.pool_in_flight
     with get_client(sync_client=True) as client:
         limit = client.read_work_pool(config.gpu_work_pool).concurrency_limit
-    return max(1, limit or sum(len(cut_shards(job, config.shard_size)) for job in jobs))
+    return max(1, limit or shards)
 
 
 def check_partition_deployment(deployment: str, work_pool: str) -> None:

@@ -92,7 +92,7 @@ def edit_partitions(jobs: list[PartitionJob], config: RefreshConfig) -> list[dic
     cuts = {job.partition: cut_shards(job, config.shard_size) for job in jobs}
     shard_jobs = [job for pieces in cuts.values() for job, _ in pieces]
     shards = [shard for pieces in cuts.values() for _, shard in pieces]
-    with ThreadPoolTaskRunner(max_workers=in_flight(config, jobs)) as runner:
+    with ThreadPoolTaskRunner(max_workers=in_flight(config, len(shards))) as runner:
         if config.gpu_work_pool:
             check_partition_deployment(config.partition_deployment, config.gpu_work_pool)
             futures = runner.map(edit_partition_on_pool.with_options(**kept), {
