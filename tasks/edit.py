@@ -70,8 +70,8 @@ _INSTRUCTIONS: dict[tuple[str, str], LearnedInstruction] = {}
 class RootFlowRun(CachePolicy):
     """Key on the top-level flow run, so a result is reused only inside the same refresh.
 
-    Prefect's own RUN_ID keys on the innermost flow run; `edit-partitions` is a subflow that gets a
-    new flow run id when the suspended parent re-executes, which would miss every cached partition.
+    Prefect's own RUN_ID keys on the innermost flow run; a subflow gets a new flow run id when the
+    suspended parent re-executes, which would miss every result cached inside it.
     """
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict, flow_parameters: dict, **kwargs) -> str | None:
