@@ -9,6 +9,7 @@ from PIL import Image
 from torch import Tensor
 
 from editing.light_field import (
+    INVISIBLE_DB,
     LightField,
     apply_light_field,
     choose_light_field,
@@ -102,3 +103,12 @@ def test_tensors_round_trip_and_bad_fields_are_refused():
         field_from_tensors({})
     with pytest.raises(ValueError, match="differ in size"):
         fit_light_field([(_photo(0), _photo(1, size=(30, 30)))])
+
+
+def test_a_field_that_would_only_chase_invisible_error_is_not_kept():
+    """Pairs the input already reproduces at over INVISIBLE_DB get no field, however large its relative gain."""
+    photos = [_photo(i) for i in range(5)]
+    faint = [(x, (x * (1 - 0.004 * _coords(x)[1].abs())).clamp(0, 1)) for x in photos]  # a 0.4 % side falloff
+    field, report = choose_light_field(faint)
+    assert report["held_out_psnr_without"] >= INVISIBLE_DB and report["gain_db"] >= 0.5
+    assert field is None and report["used"] is False and "already reproduced" in report["reason"]
