@@ -11,7 +11,15 @@ ground truth is the edit's transform applied to the photo, so the figures are:
   source branch retraced the photo, which is what SimInversion claims to improve);
 - `s_per_edit`, and its ratio to DDIM+P2P measured in the same run.
 
-Usage: python benchmarks/text_edits.py [--steps 50] [--views 1] [--model DIR] [--edits sepia,warm]
+Those are at the model's native size. What `retouch edit` writes is the edit carried back to the
+photo's own resolution (`editing.carry.carry_edit`), so with `--full-side N` (default 256) each
+view is also taken at N px, the model edits its area-downsampled copy, and the edit is carried back
+three ways, `lift` (local colour affine), `colour` (a LUT fitted on the native pair) and `auto`
+(the per-photo choice `retouch edit` makes); each is scored against the true transform of the
+N px view (`psnr_<carry>`) and by SSIM structure against it (`structure_<carry>`).
+
+Usage: python benchmarks/text_edits.py [--steps 50] [--views 1] [--full-side 256] [--model DIR]
+[--edits sepia,warm]
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
+from editing.carry import carry_edit
 from editing.fpe import fpe_edit
+from editing.instruct.ops import to_native
 from editing.metrics import psnr
 from editing.models import load_model, native_resolution
 from editing.p2p import ddim_p2p_edit
@@ -46,7 +56,7 @@ LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
 
 def square_views(photo: np.ndarray, resolution: int, views: int) -> torch.Tensor:
-    """The centre square, then its quadrants, downsampled to the model's resolution."""
+    """The centre square, then its quadrants, downsampled to `resolution`."""
     image = torch.from_numpy(photo).permute(2, 0, 1).float().div(255)[None]
     height, width = image.shape[-2:]
     side = min(height, width)
@@ -75,6 +85,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="t2i model folder (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--views", type=int, default=1, help="square views per held-out photo (1-5)")
+    parser.add_argument(
+        "--full-side", type=int, default=256, help="side of the full-size views the edit is carried to (0: skip)"
+    )
     parser.add_argument("--edits", default=None, help="comma-separated edit ids (default: all)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -93,7 +106,9 @@ def main() -> None:
     resolution = native_resolution(loaded.pipe, spec)
     base = spec.get("base_caption", "a photo")
     edits = [e for e in spec.get("edits", []) if args.edits is None or e.get("id") in args.edits.split(",")]
-    photos = torch.cat([square_views(p, resolution, args.views) for p in sample_photos("heldout").values()])
+    side = args.full_side or resolution
+    full = torch.cat([square_views(p, side, args.views) for p in sample_photos("heldout").values()])
+    photos = to_native(full, resolution)
     print(
         f"model {loaded.model_id} ({loaded.sha256[:12]}), {len(photos)} images at {resolution} px, "
         f"{args.steps} steps, {len(edits)} captions, inversion iterations: "
@@ -103,7 +118,9 @@ def main() -> None:
 
     rows = []
     for edit in edits:
-        truth = resolve_transform(edit["transform"])(photos).clamp(0, 1)
+        transform = resolve_transform(edit["transform"])
+        truth = transform(photos).clamp(0, 1)
+        truth_full = transform(full).clamp(0, 1)
         for name, method in METHODS.items():
             started = time.perf_counter()
             result = method(
@@ -126,6 +143,16 @@ def main() -> None:
                 "psnr_source_row": psnr(result.reconstructions, photos),
                 "s_per_edit": seconds,
             }
+            if args.full_side:
+                row["psnr_identity_full"] = psnr(full, truth_full)
+                for mode in ("lift", "colour", "auto"):
+                    carried = [carry_edit(f, s, e, mode) for f, s, e in zip(full, photos, result.images)]
+                    images = torch.stack([c.image for c in carried])
+                    row[f"psnr_{mode}"] = psnr(images, truth_full)
+                    row[f"structure_{mode}"] = structure(images, full)
+                    if mode == "auto":
+                        row["auto_colour_share"] = float(np.mean([c.mode == "colour" for c in carried]))
+                        row["colour_explains"] = [round(c.colour_explains, 3) for c in carried]
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -142,6 +169,23 @@ def main() -> None:
             f"{mean['psnr_source_row']:>13.2f}{mean['s_per_edit']:>9.2f}{mean['s_per_edit'] / baseline_time:>10.2f}"
         )
     print(f"identity (no edit) psnr_vs_truth {np.mean([r['psnr_identity_vs_truth'] for r in rows]):.2f}")
+    if not args.full_side:
+        return
+    print(f"\ncarried to {side} px, mean over captions (PSNR vs truth / SSIM structure vs the source)")
+    print(f"{'method':<14}" + "".join(f"{mode:>16}" for mode in ("lift", "colour", "auto")) + f"{'auto: colour':>14}")
+    for name in METHODS:
+        mine = [r for r in rows if r["method"] == name]
+        cells = "".join(
+            f"{np.mean([r[f'psnr_{m}'] for r in mine]):>9.2f} / {np.mean([r[f'structure_{m}'] for r in mine]):.3f}"
+            for m in ("lift", "colour", "auto")
+        )
+        print(f"{name:<14}{cells}{np.mean([r['auto_colour_share'] for r in mine]):>13.0%}")
+    print(f"identity (no edit) at {side} px: {np.mean([r['psnr_identity_full'] for r in rows]):.2f}")
+    print("\nper caption, auto carry (PSNR vs truth; identity)")
+    for edit in edits:
+        mine = {r["method"]: r for r in rows if r["edit"] == edit.get("id", edit["caption"])}
+        cells = "  ".join(f"{m} {r['psnr_auto']:.2f} ({r['auto_colour_share']:.0%} colour)" for m, r in mine.items())
+        print(f"{edit.get('id', edit['caption']):<18}{cells}  identity {next(iter(mine.values()))['psnr_identity_full']:.2f}")
 
 
 if __name__ == "__main__":

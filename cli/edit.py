@@ -1,8 +1,12 @@
 """`retouch edit`: tuning-free text edits (FPE, SimInversion, DDIM+P2P) over a folder of photos.
 
-Photos are edited in batches at the t2i model's native size and the edit is lifted back to each
-photo's own resolution by `lift_edit`, so the outputs keep the photo's detail. One PNG per input
-with the same stem; unreadable inputs are reported and skipped; the last line is a JSON summary.
+Photos are edited in batches at the t2i model's native size and the edit is carried back to each
+photo's own resolution by `editing.carry.carry_edit`, so the outputs keep the photo's detail:
+`--carry colour` as a LUT fitted on the native pair (what a global style caption means), or
+`--carry lift` as a local colour affine (keeps local changes such as a vignette). Without the
+option the model folder's edits.json decides per caption (`editing.carry.resolve_carry`); the
+summary records the mode, where it came from, and per output how much of the model's edit the
+colour carry kept. One PNG per input with the same stem; unreadable inputs are reported and skipped; the last line is a JSON summary.
 Steps and guidance scales not given on the command line come from the model folder's edits.json
 (`defaults.text_edit`), else the papers' values (`editing.text_edit.resolve_text_edit`); the
 summary's `params` records the values used and where each came from.
@@ -18,6 +22,11 @@ import torch
 import typer
 
 from cli.common import BatchReport, check_output_folder, decoded_batches, input_images, planned_outputs
+
+
+class Carry(str, Enum):
+    lift = "lift"
+    colour = "colour"
 
 
 class Method(str, Enum):
@@ -77,6 +86,15 @@ def edit_command(
     model: Annotated[
         str | None, typer.Option(help="t2i model folder or s3:// prefix (default: the shipped model).")
     ] = None,
+    carry: Annotated[
+        Carry | None,
+        typer.Option(
+            help="How the native-size edit reaches the photo's resolution: colour (a LUT fitted on the "
+            "native pair; keeps every pixel, carries only colour) or lift (local colour affine; also "
+            "carries vignettes, blur and the model's drift). Default: the model's choice for the "
+            "caption, else lift."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Photos per batched UNet call.")] = 4,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     inversion_iterations: Annotated[
@@ -91,8 +109,8 @@ def edit_command(
     """Edit every photo under IMAGES_URI from --source-prompt to --target-prompt.
 
     Example: retouch edit photos/ --source-prompt "a photo" --target-prompt "a sepia photo" --output edited/"""
+    from editing.carry import carry_edit, resolve_carry
     from editing.instruct.ops import pil_to_tensor, tensor_to_pil, to_native
-    from editing.lift import lift_edit
     from editing.models import load_model, native_resolution
     from editing.seeds import item_seed
     from editing.text_edit import resolve_text_edit
@@ -114,6 +132,7 @@ def edit_command(
         settings = resolve_text_edit(
             method.value.replace("-", "_"), loaded.spec, num_inference_steps=steps, **overrides
         )
+        carry_mode, carry_origin = resolve_carry(loaded.spec, target_prompt, carry.value if carry else None)
     except (TypeError, ValueError) as exc:  # a negative scale, or a malformed edits.json block
         raise typer.BadParameter(str(exc)) from exc
     report = BatchReport(
@@ -127,8 +146,11 @@ def edit_command(
                 "target_prompt": target_prompt,
                 "seed": seed,
                 "inversion_iterations": inversion_iterations,
+                "carry": carry_mode,
+                "carry_origin": carry_origin,
                 **settings.record(),
             },
+            "carried": {},
         },
     )
     for decoded in decoded_batches(source, keys, batch_size, report, f"edit {method.value}"):
@@ -149,10 +171,11 @@ def edit_command(
             **settings.values,
         )
         for (key, full), source_small, edited_small in zip(photos, small, result.images, strict=True):
-            lifted = lift_edit(full, source_small, edited_small.to(full))
+            carried = carry_edit(full, source_small, edited_small, carry_mode)
             out_key = outputs[key]
-            destination.put_bytes(out_key, encode_png(tensor_to_pil(lifted)), content_type="image/png")
+            destination.put_bytes(out_key, encode_png(tensor_to_pil(carried.image)), content_type="image/png")
             report.written.append(out_key)
+            report.extra["carried"][out_key] = carried.record()
     report.emit()
 
 

@@ -18,8 +18,13 @@ for Stable Diffusion 1.x). Schema of the model folder's block, every key optiona
         "siminversion": {"w_inv": 0.5, "w_src": 0.5, "w_tgt": 2.0},
         "fpe":          {"w_src": 2.0, "w_tgt": 2.0},
         "regenerate":   {"w_inv": 1.0, "w_tgt": 2.0},
+        "carry":        "colour",
         "calibration":  {...free-form note: what was measured, on which photos...}
     }}
+
+`carry` ("lift" or "colour") is how the native-size edit reaches the photo's resolution for
+captions the model does not list; `editing.carry.resolve_carry` reads it (and per-caption `carry`
+keys of `edits`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 
 from editing.attention import AttentionController, attention_control
+from editing.carry import check_carry
 from editing.inversion import FIXED_POINT_ITERATIONS, Inversion, ddim_invert, ddim_sampler, guide
 from editing.models import LoadedModel, read_spec
 
@@ -54,7 +60,7 @@ PAPER_DEFAULTS: dict[str, dict[str, float]] = {
     "regenerate": {"w_inv": 1.0, "w_tgt": 7.5},
 }
 TEXT_EDIT_METHODS = tuple(PAPER_DEFAULTS)
-_NOTE_KEYS = {"calibration"}
+_NOTE_KEYS = {"calibration", "carry_calibration"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ def model_text_edit_defaults(spec: Mapping[str, Any] | None) -> dict[str, Any]:
         where = f"{name}: edits.json defaults.text_edit.{key}"
         if key == "num_inference_steps":
             _number(value, where, steps=True)
+        elif key == "carry":
+            check_carry(value, where)
         elif key in PAPER_DEFAULTS:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{where} must be an object of guidance scales")
@@ -104,7 +112,7 @@ def model_text_edit_defaults(spec: Mapping[str, Any] | None) -> dict[str, Any]:
                 _number(number, f"{where}.{scale}")
         elif key not in _NOTE_KEYS:
             raise ValueError(
-                f"{where}: unknown key; expected num_inference_steps, {', '.join(TEXT_EDIT_METHODS)}"
+                f"{where}: unknown key; expected num_inference_steps, carry, {', '.join(TEXT_EDIT_METHODS)}"
             )
     return dict(block)
 

@@ -188,3 +188,35 @@ def test_edit_summary_records_the_guidance_it_used_and_where_it_came_from(
     # a folder without text-edit defaults gets the paper's target guidance
     params, _ = edit(tiny_model, "paper", "--steps", "2")
     assert params["w_tgt"] == 7.5 and params["defaults_origin"]["w_tgt"] == "paper"
+
+
+def test_edit_carries_by_the_models_choice_per_caption_unless_told(tmp_path: Path, tiny_model: Path) -> None:
+    """The model folder may say per caption how the native edit reaches the photo (`carry`); the
+    summary names the mode, where it came from, and per output how much the colour carry kept."""
+    folder = build_tiny_t2i(tmp_path / "carry-t2i")
+    spec = json.loads((folder / "edits.json").read_text())
+    spec["edits"] = [{"id": "warm", "caption": "a warm photo", "carry": "colour"}]
+    spec["defaults"]["text_edit"] = {"num_inference_steps": 2}
+    (folder / "edits.json").write_text(json.dumps(spec))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(3, (72, 40)).save(photos / "a.png")
+
+    def edit(run: str, caption: str, *flags: str) -> tuple[dict, np.ndarray]:
+        code, output, summary = _run(
+            ["edit", str(photos), "--source-prompt", "a photo", "--target-prompt", caption,
+             "--method", "ddim-p2p", "--output", str(tmp_path / run), "--model", str(folder), *flags]
+        )
+        assert code == 0, output
+        return summary, np.asarray(Image.open(tmp_path / run / "a.png"))
+
+    summary, colour = edit("caption", "a warm photo")
+    assert (summary["params"]["carry"], summary["params"]["carry_origin"]) == ("colour", "model caption")
+    assert 0.0 < summary["carried"]["a.png"]["colour_explains"] <= 1.0
+    assert colour.shape == (40, 72, 3)
+    summary, lift = edit("caller", "a warm photo", "--carry", "lift")
+    assert (summary["params"]["carry"], summary["params"]["carry_origin"]) == ("lift", "caller")
+    assert summary["carried"]["a.png"] == {"carry": "lift", "colour_explains": None}
+    assert not np.array_equal(colour, lift)
+    summary, _ = edit("unlisted", "a golden photo")
+    assert (summary["params"]["carry"], summary["params"]["carry_origin"]) == ("lift", "default")
