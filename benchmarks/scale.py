@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import psutil
 from PIL import Image
-from prefect import get_client, tags
+from prefect import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
@@ -253,8 +253,10 @@ def dispatch_latencies(run_id: str) -> tuple[list[float], list[float]]:
 
 def measure(label: str, cfg: RefreshConfig, index: pd.DataFrame, parallelism: int, server_log: Path) -> dict:
     log_from = server_log.stat().st_size
-    with tags(f"bench:{cfg.run_id}"):
-        summary = catalogue_refresh(cfg)
+    # Found by its id, not by a tag: a tag on the flow would land on every task run, and Prefect makes
+    # one tag-concurrency API call per tagged task run start, which the product's runs never make.
+    state = catalogue_refresh(cfg, return_state=True)
+    summary = state.result()
     calls = len(ACCESS.findall(server_log.read_bytes()[log_from:]))
     out = open_store(cfg.output_uri)
     partitions = sorted(index["partition"].unique())
@@ -265,7 +267,7 @@ def measure(label: str, cfg: RefreshConfig, index: pd.DataFrame, parallelism: in
     pieces = [piece for job in jobs for piece in cut_shards(job, cfg.shard_size)]
     executed = {"edit_partition": len(pieces), "merge_shards": sum(s == 0 for _, s in pieces),
                 "edit_partition_on_pool": len(pieces) if cfg.gpu_work_pool else 0}
-    runs = flow_run_ids(f"bench:{cfg.run_id}") + (flow_run_ids(f"run:{cfg.run_id}") if cfg.gpu_work_pool else [])
+    runs = [state.state_details.flow_run_id] + (flow_run_ids(f"run:{cfg.run_id}") if cfg.gpu_work_pool else [])
     recorded = recorded_task_runs(runs)
     queue, start = dispatch_latencies(cfg.run_id) if cfg.gpu_work_pool else ([], [])
     result = {"path": label, "wall_s": wall, "compute_s": compute, "parallelism": parallelism,
