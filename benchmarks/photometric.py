@@ -191,7 +191,8 @@ def _assessed(categories: dict, items: list[dict]) -> list[dict]:
 def _status(result: quality.QCResult, thresholds: quality.QCThresholds) -> str:
     return quality.decide(result.ssim_structure, result.edit_strength, result.direction_agreement,
                           result.clipped_fraction, result.output_std, thresholds,
-                          deltae_mean=result.deltae2000_mean, deltae_p95=result.deltae2000_p95)[0]
+                          deltae_mean=result.deltae2000_mean, deltae_p95=result.deltae2000_p95,
+                          skin=result.skin_outliers)[0]
 
 
 def _thresholds(flag_mean: float, flag_p95: float) -> quality.QCThresholds:
@@ -322,7 +323,8 @@ def qc_rates(rows: list[dict], thresholds: quality.QCThresholds, label: str) -> 
         r = row["result"]
         status, reasons = quality.decide(r.ssim_structure, r.edit_strength, r.direction_agreement,
                                          r.clipped_fraction, r.output_std, thresholds,
-                                         deltae_mean=r.deltae2000_mean, deltae_p95=r.deltae2000_p95)
+                                         deltae_mean=r.deltae2000_mean, deltae_p95=r.deltae2000_p95,
+                                         skin=r.skin_outliers)
         if (status != "pass") == row["kind"].startswith("good"):
             print(f"  {row['kind']} on {row['category']}/{row['photo']}: {status} (dE00 mean "
                   f"{r.deltae2000_mean:.2f}, p95 {r.deltae2000_p95:.2f}, ssim_structure {r.ssim_structure:.2f}) "

@@ -16,8 +16,10 @@ from editing.models import DTypeName
 from editing.quality import (
     FAIL_DELTAE_MEAN,
     FAIL_DELTAE_P95,
+    FAIL_SKIN_OUTLIERS,
     FLAG_DELTAE_MEAN,
     FLAG_DELTAE_P95,
+    FLAG_SKIN_OUTLIERS,
     QCThresholds,
 )
 
@@ -136,6 +138,13 @@ class QCConfig(_Config):
     fail_deltae2000_p95: float = Field(
         FAIL_DELTAE_P95, ge=0, le=100, description="95th-percentile CIEDE2000 against the category's "
         "LUT(source) above which the item fails.")
+    flag_skin_outliers: float = Field(
+        FLAG_SKIN_OUTLIERS, ge=0, le=1, description="Share of the source's skin-toned pixels the output "
+        "pushes out of any skin tone (too saturated, too red, too green) above which the item is flagged; "
+        "checked whatever the category's own edit does.")
+    fail_skin_outliers: float = Field(
+        FAIL_SKIN_OUTLIERS, ge=0, le=1, description="Share of skin-toned pixels pushed out of any skin tone "
+        "above which the item fails.")
 
     @model_validator(mode="after")
     def _flag_before_fail(self) -> QCConfig:

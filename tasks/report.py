@@ -56,6 +56,8 @@ def _qc_lines(row) -> list[str]:
         lines.append(f"SSIM {row.qc_ssim_structure:.2f}")
     if figures.get("deltae2000_mean") is not None:
         lines.append(f"dE {figures['deltae2000_mean']:.1f} / p95 {figures.get('deltae2000_p95') or 0:.1f}")
+    if figures.get("skin_outliers") is not None:
+        lines.append(f"skin off-tone {figures['skin_outliers']:.0%}")
     lines += [str(reason)[:28] for reason in figures.get("reasons", [])[:2]]
     return lines
 

@@ -197,3 +197,43 @@ def test_clipping_the_expected_edit_does_itself_is_not_an_artefact():
     over_result = quality.assess(source, over, reference, expected=expected)
     assert over_result.status == "fail"
     assert "colour far from the expected edit" in over_result.reasons
+
+
+def _crisp(photo: np.ndarray) -> Image.Image:
+    """The demo's first crisp-product style: more contrast, then 2x saturation."""
+    x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255
+    y = EDITS["saturate"].function(EDITS["increase_contrast"].function(x))[0].permute(1, 2, 0).numpy()
+    return Image.fromarray((y * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def test_a_red_face_is_not_a_pass_even_when_it_is_exactly_the_expected_edit():
+    """The category's own LUT reproduces the style exactly, so the colour check against it sees
+    nothing; the skin check does, and nothing excuses it."""
+    portrait = load_photo("grace_hopper")
+    source, red = Image.fromarray(portrait), _crisp(portrait)
+    reference = quality.reference_shift([(source, red)])
+    result = quality.assess(source, red, reference, expected=red)
+    assert result.deltae2000_mean < 0.1  # exactly what the category asks for
+    assert result.skin_outliers > quality.QCThresholds().flag_skin_outliers
+    assert result.status != "pass" and "skin tones out of range" in result.reasons
+
+
+@pytest.mark.parametrize("edit", ["warm", "desaturate", "grayscale", "brighten", "sepia"])
+def test_grades_that_keep_skin_a_skin_tone_pass_the_skin_check(edit: str):
+    portrait = load_photo("grace_hopper")
+    source, graded = Image.fromarray(portrait), _edit(portrait, edit)
+    result = quality.assess(source, graded, quality.reference_shift([(source, graded)]), expected=graded)
+    assert result.skin_outliers < 0.1, result.skin_outliers
+    assert result.status == "pass", result.reasons
+
+
+def test_a_green_cast_on_a_face_is_flagged_and_skinless_photos_are_not_judged():
+    portrait = load_photo("astronaut")
+    x = torch.from_numpy(portrait).permute(2, 0, 1)[None].float() / 255
+    green = (x * torch.tensor([0.8, 1.15, 0.8]).view(1, 3, 1, 1)).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    source = quality._as_float(Image.fromarray(portrait))
+    cast = quality._as_float(Image.fromarray((green * 255).round().astype(np.uint8)))
+    assert quality.skin_outliers(source, cast) > quality.QCThresholds().flag_skin_outliers
+    blue = np.zeros((64, 64, 3))
+    blue[..., 2] = np.linspace(0.3, 1.0, 64)
+    assert math.isnan(quality.skin_outliers(blue, blue[..., ::-1]))

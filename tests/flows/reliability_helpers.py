@@ -37,6 +37,8 @@ LENIENT_QC = QCConfig(
     fail_deltae2000_mean=100,
     flag_deltae2000_p95=100,
     fail_deltae2000_p95=100,
+    flag_skin_outliers=1,
+    fail_skin_outliers=1,
 )
 SIDE = 40
 
