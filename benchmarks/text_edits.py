@@ -14,12 +14,16 @@ ground truth is the edit's transform applied to the photo, so the figures are:
 Those are at the model's native size. What `retouch edit` writes is the edit carried back to the
 photo's own resolution (`editing.carry.carry_edit`), so with `--full-side N` (default 256) each
 view is also taken at N px, the model edits its area-downsampled copy, and the edit is carried back
-three ways, `lift` (local colour affine), `colour` (a LUT fitted on the native pair) and `auto`
-(the per-photo choice `retouch edit` makes); each is scored against the true transform of the
-N px view (`psnr_<carry>`) and by SSIM structure against it (`structure_<carry>`).
+two ways, `lift` (local colour affine) and `colour` (a LUT fitted on the native pair), and
+`model` names the one the model folder chooses for the caption (`editing.carry.resolve_carry`,
+what `retouch edit` uses by default); each is scored against the true transform of the N px view
+(`psnr_<carry>`) and by SSIM structure against the N px source (`structure_<carry>`).
+
+The model's per-caption carry choices (edits.json) are calibrated with the same script on
+training photos: `--split train --max-photos 4` (never on the held-out photos it reports on).
 
 Usage: python benchmarks/text_edits.py [--steps 50] [--views 1] [--full-side 256] [--model DIR]
-[--edits sepia,warm]
+[--edits sepia,warm] [--split heldout|train] [--max-photos N]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 
-from editing.carry import carry_edit
+from editing.carry import carry_edit, resolve_carry
 from editing.fpe import fpe_edit
 from editing.instruct.ops import to_native
 from editing.metrics import psnr
@@ -88,6 +92,8 @@ def main() -> None:
     parser.add_argument(
         "--full-side", type=int, default=256, help="side of the full-size views the edit is carried to (0: skip)"
     )
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout")
+    parser.add_argument("--max-photos", type=int, default=None, help="first N photos of the split")
     parser.add_argument("--edits", default=None, help="comma-separated edit ids (default: all)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -107,10 +113,11 @@ def main() -> None:
     base = spec.get("base_caption", "a photo")
     edits = [e for e in spec.get("edits", []) if args.edits is None or e.get("id") in args.edits.split(",")]
     side = args.full_side or resolution
-    full = torch.cat([square_views(p, side, args.views) for p in sample_photos("heldout").values()])
+    chosen = list(sample_photos(args.split).values())[: args.max_photos]
+    full = torch.cat([square_views(p, side, args.views) for p in chosen])
     photos = to_native(full, resolution)
     print(
-        f"model {loaded.model_id} ({loaded.sha256[:12]}), {len(photos)} images at {resolution} px, "
+        f"model {loaded.model_id} ({loaded.sha256[:12]}), {len(photos)} {args.split} images at {resolution} px, "
         f"{args.steps} steps, {len(edits)} captions, inversion iterations: "
         f"{'each method default' if args.inversion_iterations is None else args.inversion_iterations}",
         flush=True,
@@ -145,14 +152,14 @@ def main() -> None:
             }
             if args.full_side:
                 row["psnr_identity_full"] = psnr(full, truth_full)
-                for mode in ("lift", "colour", "auto"):
+                for mode in ("lift", "colour"):
                     carried = [carry_edit(f, s, e, mode) for f, s, e in zip(full, photos, result.images)]
                     images = torch.stack([c.image for c in carried])
                     row[f"psnr_{mode}"] = psnr(images, truth_full)
                     row[f"structure_{mode}"] = structure(images, full)
-                    if mode == "auto":
-                        row["auto_colour_share"] = float(np.mean([c.mode == "colour" for c in carried]))
-                        row["colour_explains"] = [round(c.colour_explains, 3) for c in carried]
+                row["model_carry"] = resolve_carry(spec, edit["caption"])[0]
+                row["psnr_model"] = row[f"psnr_{row['model_carry']}"]
+                row["structure_model"] = row[f"structure_{row['model_carry']}"]
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -162,7 +169,7 @@ def main() -> None:
     baseline_time = np.mean([r["s_per_edit"] for r in rows if r["method"] == "ddim_p2p"])
     for name in METHODS:
         mine = [r for r in rows if r["method"] == name]
-        mean = {k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("edit", "method")}
+        mean = {k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("edit", "method", "model_carry")}
         label = f"{name} ({mine[0]['inversion_iterations']})"
         print(
             f"{label:<18}{mean['psnr_vs_truth']:>14.2f}{mean['ssim_luma']:>11.3f}{mean['ssim_structure']:>12.3f}"
@@ -172,20 +179,22 @@ def main() -> None:
     if not args.full_side:
         return
     print(f"\ncarried to {side} px, mean over captions (PSNR vs truth / SSIM structure vs the source)")
-    print(f"{'method':<14}" + "".join(f"{mode:>16}" for mode in ("lift", "colour", "auto")) + f"{'auto: colour':>14}")
+    modes = ("lift", "colour", "model")
+    print(f"{'method':<14}" + "".join(f"{mode:>17}" for mode in modes))
     for name in METHODS:
         mine = [r for r in rows if r["method"] == name]
         cells = "".join(
-            f"{np.mean([r[f'psnr_{m}'] for r in mine]):>9.2f} / {np.mean([r[f'structure_{m}'] for r in mine]):.3f}"
-            for m in ("lift", "colour", "auto")
+            f"{np.mean([r[f'psnr_{m}'] for r in mine]):>10.2f} / {np.mean([r[f'structure_{m}'] for r in mine]):.3f}"
+            for m in modes
         )
-        print(f"{name:<14}{cells}{np.mean([r['auto_colour_share'] for r in mine]):>13.0%}")
+        print(f"{name:<14}{cells}")
     print(f"identity (no edit) at {side} px: {np.mean([r['psnr_identity_full'] for r in rows]):.2f}")
-    print("\nper caption, auto carry (PSNR vs truth; identity)")
+    print("\nper caption: PSNR vs truth at full size, lift / colour, per method; the model's carry; identity")
     for edit in edits:
         mine = {r["method"]: r for r in rows if r["edit"] == edit.get("id", edit["caption"])}
-        cells = "  ".join(f"{m} {r['psnr_auto']:.2f} ({r['auto_colour_share']:.0%} colour)" for m, r in mine.items())
-        print(f"{edit.get('id', edit['caption']):<18}{cells}  identity {next(iter(mine.values()))['psnr_identity_full']:.2f}")
+        cells = "  ".join(f"{m} {r['psnr_lift']:.2f}/{r['psnr_colour']:.2f}" for m, r in mine.items())
+        first = next(iter(mine.values()))
+        print(f"{edit.get('id', edit['caption']):<18}{cells}  {first['model_carry']:<7}{first['psnr_identity_full']:.2f}")
 
 
 if __name__ == "__main__":

@@ -349,9 +349,10 @@ def main() -> None:
         (folder / "edits.json").write_text(json.dumps(edits_spec(kind), indent=2) + "\n")
         if kind == "t2i":
             # The text-edit guidance calibrated for the previous weights does not carry over.
-            print("t2i retrained: its edits.json has no text_edit defaults, so text edits take the papers' "
-                  "values until you run scripts/calibrate_text_guidance.py and write its choice into "
-                  "defaults.text_edit", file=sys.stderr)
+            print("t2i retrained: its edits.json has no text_edit defaults and no carry choices, so text "
+                  "edits take the papers' values and the lift until you run scripts/calibrate_text_guidance.py "
+                  "and benchmarks/text_edits.py --split train and write their choices into defaults.text_edit "
+                  "and each edit's carry", file=sys.stderr)
         stages.append(
             {
                 "seed": args.seed,
