@@ -2,10 +2,13 @@
 photos x the three methods (DDIM+P2P, SimInversion, FPE), each at the model's own defaults, next to
 the photo and the true edit.
 
-One row per (caption, photo): photo | truth | DDIM+P2P | SimInversion | FPE, at the model's native
-size scaled up for viewing (nearest neighbour, so what you see is what the model made).
+One row per (caption, photo): photo | truth | DDIM+P2P | SimInversion | FPE. By default each tile is
+what `retouch edit` writes for a photo of `--scale` x the model's size: the model edits the area-
+downsampled copy and the edit is carried back the way the model chooses for that caption (colour or
+lift, `editing.carry`; named in the row's label). `--native` shows the model's own output instead,
+scaled up by nearest neighbour.
 
-Run: python -m benchmarks.text_edit_sheet [--steps 20] [--output docs/text-edits.jpg] [--scale 2]
+Run: python -m benchmarks.text_edit_sheet [--steps 20] [--output docs/text-edits.jpg] [--scale 2] [--native]
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks.text_edits import METHODS, square_views
+from editing.carry import carry_edit, resolve_carry
+from editing.instruct.ops import to_native
 from editing.models import load_model, native_resolution
 from editing.photos import sample_photos
 from editing.transforms import resolve_transform
@@ -37,14 +42,16 @@ def main() -> None:
     parser.add_argument("--output", default="docs/text-edits.jpg")
     parser.add_argument("--scale", type=int, default=2, help="display pixels per model pixel")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--native", action="store_true", help="the model's native output, not the carried one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(kind="t2i")
     spec = loaded.spec or {}
     resolution = native_resolution(loaded.pipe, spec)
     base = spec.get("base_caption", "a photo")
-    photos = torch.cat([square_views(p, resolution, 1) for p in sample_photos("heldout").values()])
     size, label_w, pad, header = resolution * args.scale, 150, 4, 16
+    shown = torch.cat([square_views(p, resolution if args.native else size, 1) for p in sample_photos("heldout").values()])
+    photos = to_native(shown, resolution)
     edits = spec.get("edits", [])
     rows_n = len(edits) * len(photos)
     sheet = Image.new("RGB", (label_w + len(COLUMNS) * (size + pad), header + rows_n * (size + pad)), "white")
@@ -54,16 +61,24 @@ def main() -> None:
     started = time.perf_counter()
     row = 0
     for edit in edits:
-        truth = resolve_transform(edit["transform"])(photos).clamp(0, 1)
+        truth = resolve_transform(edit["transform"])(shown).clamp(0, 1)
+        carry = resolve_carry(spec, edit["caption"])[0]
         outputs = {
             name: METHODS[name](loaded.pipe, image=photos, source_prompt=base, target_prompt=edit["caption"],
                                 num_inference_steps=args.steps).images
             for name in SHOWN
         }
+        if not args.native:
+            outputs = {
+                name: torch.stack([carry_edit(f, s, e, carry).image for f, s, e in zip(shown, photos, images)])
+                for name, images in outputs.items()
+            }
         for i in range(len(photos)):
             y = header + row * (size + pad)
-            draw.text((4, y + size // 2 - 6), f'"{edit["caption"]}"', fill="black")
-            tiles = [photos[i], truth[i], *(outputs[name][i] for name in SHOWN)]
+            draw.text((4, y + size // 2 - 12), f'"{edit["caption"]}"', fill="black")
+            if not args.native:
+                draw.text((4, y + size // 2 + 2), f"carried: {carry}", fill="gray")
+            tiles = [shown[i], truth[i], *(outputs[name][i] for name in SHOWN)]
             for c, tile in enumerate(tiles):
                 sheet.paste(_tile(tile, size), (label_w + c * (size + pad), y))
             row += 1
@@ -71,7 +86,8 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.output, quality=90, optimize=True)
     print(f"wrote {args.output}: {len(edits)} captions x {len(photos)} held-out photos x {len(SHOWN)} methods, "
-          f"{args.steps} steps, model {loaded.model_id} ({loaded.sha256[:12]})")
+          f"{args.steps} steps, {'native' if args.native else f'carried to {size} px'}, "
+          f"model {loaded.model_id} ({loaded.sha256[:12]})")
 
 
 if __name__ == "__main__":
