@@ -6,7 +6,8 @@ photo's own resolution by `editing.carry.carry_edit`, so the outputs keep the ph
 `--carry lift` as a local colour affine (keeps local changes such as a vignette). Without the
 option the model folder's edits.json decides per caption (`editing.carry.resolve_carry`); the
 summary records the mode, where it came from, and per output how much of the model's edit the
-colour carry kept. One PNG per input with the same stem; unreadable inputs are reported and skipped; the last line is a JSON summary.
+colour carry kept. One PNG per input with the same stem; unreadable inputs are reported and
+skipped; the last line is a JSON summary.
 Steps and guidance scales not given on the command line come from the model folder's edits.json
 (`defaults.text_edit`), else the papers' values (`editing.text_edit.resolve_text_edit`); the
 summary's `params` records the values used and where each came from.

@@ -18,8 +18,8 @@ Which one an edit uses is the model's business, like its guidance (`editing.text
 edit whose `caption` is the target prompt may say `"carry": "colour"`) and then for every other
 caption (`defaults.text_edit.carry`), else `lift`, which carries everything the model did.
 
-The shipped t2i's choices were measured on training photos only (the `carry` note in its
-edits.json); the held-out figures are in benchmarks/README.md.
+The shipped t2i's choices were measured on training photos only (`defaults.text_edit.carry_calibration`
+in its edits.json); the held-out figures are in benchmarks/README.md.
 """
 
 from __future__ import annotations
