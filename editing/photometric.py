@@ -50,7 +50,9 @@ on two threads; benchmarks/photometric.py re-measures.
 
 from __future__ import annotations
 
+import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -306,6 +308,21 @@ def _pillow_filter(lut: Lut) -> ImageFilter.Color3DLUT:
     return ImageFilter.Color3DLUT(lut.size, flat)
 
 
+_STRIP_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_STRIP_POOLS_LOCK = threading.Lock()
+
+
+def _strip_pool(threads: int) -> ThreadPoolExecutor:
+    """One long-lived pool per process and strip count: starting threads on every call cost ~11 s of
+    thread time over a 5,000-image night (benchmarks/scale.py profile). Keyed by the process id too,
+    because a forked child inherits the dict but not the threads."""
+    key = (os.getpid(), threads)
+    with _STRIP_POOLS_LOCK:
+        if key not in _STRIP_POOLS:
+            _STRIP_POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="lut-strips")
+        return _STRIP_POOLS[key]
+
+
 def _apply_pillow(lut: Lut, image: Image.Image, threads: int) -> Image.Image:
     lut_filter = _pillow_filter(lut)
     strips = max(1, min(threads, image.height))
@@ -313,8 +330,7 @@ def _apply_pillow(lut: Lut, image: Image.Image, threads: int) -> Image.Image:
         return image.filter(lut_filter)
     bounds = [(0, i * image.height // strips, image.width, (i + 1) * image.height // strips)
               for i in range(strips)]
-    with ThreadPoolExecutor(strips) as pool:
-        parts = list(pool.map(lambda box: image.crop(box).filter(lut_filter), bounds))
+    parts = list(_strip_pool(strips).map(lambda box: image.crop(box).filter(lut_filter), bounds))
     out = Image.new("RGB", image.size)
     for box, part in zip(bounds, parts):
         out.paste(part, box[:2])

@@ -366,7 +366,7 @@ def finish_item(
     timings["write_s"] = time.monotonic() - started
     started = time.monotonic()
     qc = assess(source, output, record["reference_shift"], qc_thresholds(instruction, job.qc.thresholds()),
-                expected=expected_output(instruction, source))
+                expected=expected_output(instruction, source, output))
     timings["qc_s"] = time.monotonic() - started
     return manifest_row(
         **_identity(job, item, instruction.route), source_uri=store.uri_for(item["key"]), output_uri=out.uri_for(key),
