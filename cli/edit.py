@@ -6,8 +6,10 @@ photo's own resolution by `editing.carry.carry_edit`, so the outputs keep the ph
 `--carry lift` as a local colour affine (keeps local changes such as a vignette). Without the
 option the model folder's edits.json decides per caption (`editing.carry.resolve_carry`); the
 summary records the mode, where it came from, and per output how much of the model's edit the
-colour carry kept. One PNG per input with the same stem; unreadable inputs are reported and
-skipped; the last line is a JSON summary.
+colour carry kept. Every output also gets QC's skin check (`editing.quality.skin_figure`): an
+output that pushes the photo's skin tones out of range is reported on stderr and counted in the
+summary's `skin_flagged` (the file is still written). One PNG per input with the same stem;
+unreadable inputs are reported and skipped; the last line is a JSON summary.
 Steps and guidance scales not given on the command line come from the model folder's edits.json
 (`defaults.text_edit`), else the papers' values (`editing.text_edit.resolve_text_edit`); the
 summary's `params` records the values used and where each came from.
@@ -16,6 +18,7 @@ summary's `params` records the values used and where each came from.
 from __future__ import annotations
 
 import inspect
+import math
 from enum import Enum
 from typing import Annotated
 
@@ -113,6 +116,7 @@ def edit_command(
     from editing.carry import carry_edit, resolve_carry
     from editing.instruct.ops import pil_to_tensor, tensor_to_pil, to_native
     from editing.models import load_model, native_resolution
+    from editing.quality import FLAG_SKIN_OUTLIERS, skin_figure
     from editing.seeds import item_seed
     from editing.text_edit import resolve_text_edit
     from storage.images import encode_png
@@ -152,6 +156,7 @@ def edit_command(
                 **settings.record(),
             },
             "carried": {},
+            "skin_flagged": [],
         },
     )
     for decoded in decoded_batches(source, keys, batch_size, report, f"edit {method.value}"):
@@ -176,7 +181,11 @@ def edit_command(
             out_key = outputs[key]
             destination.put_bytes(out_key, encode_png(tensor_to_pil(carried.image)), content_type="image/png")
             report.written.append(out_key)
-            report.extra["carried"][out_key] = carried.record()
+            skin = skin_figure(full.permute(1, 2, 0).numpy(), carried.image.permute(1, 2, 0).numpy())
+            report.extra["carried"][out_key] = {**carried.record(), "skin_outliers": None if math.isnan(skin) else skin}
+            if skin > FLAG_SKIN_OUTLIERS:
+                report.extra["skin_flagged"].append(out_key)
+                typer.echo(f"flagged {out_key}: skin tones out of range ({skin:.0%} of them)", err=True)
     report.emit()
 
 

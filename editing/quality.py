@@ -164,6 +164,13 @@ def skin_outliers(source: np.ndarray, output: np.ndarray) -> float:
     return float(np.mean(saturated | off_hue))
 
 
+def skin_figure(source: Image.Image | np.ndarray, output: Image.Image | np.ndarray) -> float:
+    """`skin_outliers` of two images of any size (PIL, or HxWx3 arrays in [0, 1] or [0, 255]), at
+    QC's working size: for callers that have no category to check against (text edits)."""
+    src = _as_float(source)
+    return skin_outliers(src, _resized(_as_float(output), src.shape))
+
+
 def colour_statistics(image: Image.Image | np.ndarray) -> np.ndarray:
     """Mean and standard deviation of L*, a*, b*: six numbers that move with every global tone edit."""
     lab = rgb2lab(np.clip(np.nan_to_num(_as_float(image)), 0.0, 1.0)).reshape(-1, 3)

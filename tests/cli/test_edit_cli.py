@@ -216,7 +216,41 @@ def test_edit_carries_by_the_models_choice_per_caption_unless_told(tmp_path: Pat
     assert colour.shape == (40, 72, 3)
     summary, lift = edit("caller", "a warm photo", "--carry", "lift")
     assert (summary["params"]["carry"], summary["params"]["carry_origin"]) == ("lift", "caller")
-    assert summary["carried"]["a.png"] == {"carry": "lift", "colour_explains": None}
+    assert summary["carried"]["a.png"]["carry"] == "lift" and summary["carried"]["a.png"]["colour_explains"] is None
+    skin = summary["carried"]["a.png"]["skin_outliers"]  # a random-noise photo: few or no skin tones
+    assert skin is None or 0.0 <= skin <= 1.0
+    assert summary["skin_flagged"] == ([] if skin is None or skin <= 0.25 else ["a.png"])
     assert not np.array_equal(colour, lift)
     summary, _ = edit("unlisted", "a golden photo")
     assert (summary["params"]["carry"], summary["params"]["carry_origin"]) == ("lift", "default")
+
+
+def test_edit_reports_outputs_that_push_skin_tones_out_of_range(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the model does, an output with red faces is named on stderr and in the summary."""
+    import editing.carry
+    from editing.photos import load_photo
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(load_photo("grace_hopper")).resize((96, 112)).save(photos / "portrait.png")
+    real = editing.carry.carry_edit
+
+    def reddened(full, source_small, edited_small, mode):
+        carried = real(full, source_small, edited_small, mode)
+        luma = full.mean(0, keepdim=True)
+        red = (luma + 2.5 * (full - luma)).clamp(0, 1)  # what a 2.5x saturation does to a face
+        return editing.carry.CarriedEdit(red, carried.mode, carried.colour_explains)
+
+    monkeypatch.setattr(editing.carry, "carry_edit", reddened)
+    result = CliRunner().invoke(app, [
+        "edit", str(photos), "--source-prompt", "a photo", "--target-prompt", "a vivid photo",
+        "--method", "ddim-p2p", "--steps", "2", "--output", str(tmp_path / "out"), "--model", str(tiny_model),
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["skin_flagged"] == ["portrait.png"]
+    assert summary["carried"]["portrait.png"]["skin_outliers"] > 0.25
+    assert "flagged portrait.png: skin tones out of range" in result.stderr
+    assert (tmp_path / "out" / "portrait.png").exists()  # reported, still written
