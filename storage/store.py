@@ -63,8 +63,9 @@ _TMP_PREFIX = ".retouch-tmp-"
 # long-lived process are read again.
 CLIENT_MAX_AGE_S = 900
 # Connections a shared client keeps open: one per thread of a wide task runner, without botocore's
-# "connection pool is full" churn at its default of 10.
-CLIENT_POOL_CONNECTIONS = 32
+# "connection pool is full" churn. At 32, publishing a 50-partition night (one thread per partition)
+# logged that warning dozens of times; connections are opened on demand, so a large cap costs nothing.
+CLIENT_POOL_CONNECTIONS = 128
 
 
 class NotFoundError(StoreError, KeyError):
