@@ -3,7 +3,8 @@
 Every edit is a plain, deterministic function of the source photo, float tensor (B, 3, H, W) in
 [0, 1] in and out, so a benchmark can compute the exact target of "make it warmer" for any photo.
 Spatial edits (blur, vignette) scale with the image size, so the same edit means the same thing
-at 64 px and at full resolution.
+at 64 px and at full resolution. `vibrance` and `crisp` are retoucher presets for the demo's house
+styles; they are not in `EDITS`, so no model is trained on them.
 """
 
 from __future__ import annotations
