@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from editing.carry import CARRY_MODES
 from editing.models import DTYPES, DTypeName, folder_sha256, load_model, shipped_model_dir
 from editing.photos import HELDOUT, sample_photos
 from editing.transforms import EDITS, resolve_transform
@@ -83,7 +84,10 @@ def test_edits_json_has_the_agreed_shape(kind: str) -> None:
     x = torch.rand(1, 3, 16, 16)
     for edit in spec["edits"]:
         text_key = "phrasings" if kind == "ip2p" else "caption"
-        assert set(edit) == {"id", text_key, "transform"}
+        # the t2i also says how each caption's edit is carried to full size (editing.carry)
+        assert set(edit) == {"id", text_key, "transform"} | ({"carry"} if kind == "t2i" else set())
+        if kind == "t2i":
+            assert edit["carry"] in CARRY_MODES
         if kind == "ip2p":
             assert len(edit["phrasings"]) >= 2
         assert resolve_transform(edit["transform"])(x).shape == x.shape
