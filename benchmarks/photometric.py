@@ -24,7 +24,7 @@ run. Fit time: `fit_lut` from 10 pairs at the default size. On a shared machine 
 pessimistic; the ratios are measured in one process.
 
 Run: nice -n 10 .venv/bin/python -m benchmarks.photometric [--threads 2] [--skip-speed] [--skip-qc]
-     [--sheet /tmp/photometric_sheet.png]
+     [--sheet photometric_sheet.png]
 """
 
 from __future__ import annotations
