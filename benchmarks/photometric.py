@@ -20,7 +20,7 @@ pair among equals).
 
 Speed: `apply_lut` on a 3840x2160 photo through Pillow (one pass, and strips on `--threads`) and
 through torch `grid_sample`, median of interleaved rounds; the baseline is `grid_sample` in the same
-run. Fit time: `fit_lut` from 10 pairs at the default size. On a shared machine absolute times are
+run; then the default path on every sample photo (the kernel's time depends on the photo). Fit time: `fit_lut` from 10 pairs at the default size. On a shared machine absolute times are
 pessimistic; the ratios are measured in one process.
 
 Run: nice -n 10 .venv/bin/python -m benchmarks.photometric [--threads 2] [--skip-speed] [--skip-qc]
@@ -216,7 +216,7 @@ def speed(threads: int, rounds: int) -> None:
     runs = {
         "grid_sample (baseline)": lambda: apply_lut(lut, tensor),
         "Pillow, one pass": lambda: apply_lut(lut, photo, threads=1),
-        f"Pillow, {threads} strips": lambda: apply_lut(lut, photo, threads=threads),
+        f"Pillow, {threads} threads ({4 * threads} strips)": lambda: apply_lut(lut, photo, threads=threads),
     }
     times: dict[str, list[float]] = defaultdict(list)
     outputs = {}
@@ -241,6 +241,23 @@ def speed(threads: int, rounds: int) -> None:
         print(f"| {label} | {median:.3f} | {base / median:.2f}x | {int(diff)} |")
     print(f"\nfit_lut from 10 pairs of 256 px (size 33): {min(fit_times):.2f} s best, "
           f"{max(fit_times):.2f} s worst of 2 (target <= 10 s)")
+    # Pillow's kernel time depends on the photo (0.16-0.23 s seen), so the target is judged over
+    # every sample photo, not one.
+    per_photo = {}
+    for split in ("train", "heldout"):
+        for name, array in sample_photos(split).items():
+            big = Image.fromarray(array).resize((3840, 2160), Image.BICUBIC)
+            runs_s = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                apply_lut(lut, big, threads=threads)
+                runs_s.append(time.perf_counter() - started)
+            per_photo[name] = statistics.median(runs_s)
+    values = sorted(per_photo.values())
+    print(f"\nPillow on {threads} threads, each of the {len(values)} sample photos at 3840x2160 (median of "
+          f"{rounds} each): mean {statistics.mean(values):.3f} s, median {statistics.median(values):.3f} s, "
+          f"range {values[0]:.3f}-{values[-1]:.3f} s (slowest: {max(per_photo, key=per_photo.get)}); "
+          f"{'MET' if statistics.mean(values) <= 0.2 else 'MISSED'} <= 0.2 s per photo on average")
 
 
 def fit_quality(categories: dict[str, dict], heldout: dict[str, np.ndarray]) -> None:

@@ -43,8 +43,8 @@ editing/transforms.py and compositions of them; "mean / worst" over the grades):
 
 Application: Pillow's native `ImageFilter.Color3DLUT` (fixed-point trilinear in C, releases the GIL)
 for 8-bit images, torch `grid_sample` for float tensors; the two agree within 1/255 (tested).
-On a 3840x2160 photo (shared 2-core machine) Pillow took 0.23-0.31 s in one pass and 0.18 s as two
-strips on two threads while a core was free (0.32 s when other jobs held it), `grid_sample` 0.85-1.39 s
+On a 3840x2160 photo (2-core machine, quiet) Pillow takes 0.26-0.35 s in one pass and 0.16-0.23 s
+(mean 0.186 s over the 13 sample photos) as 8 strips on two threads; `grid_sample` 0.97-1.09 s
 on two threads; benchmarks/photometric.py re-measures.
 """
 
@@ -323,14 +323,19 @@ def _strip_pool(threads: int) -> ThreadPoolExecutor:
         return _STRIP_POOLS[key]
 
 
+_STRIPS_PER_THREAD = 4
+
+
 def _apply_pillow(lut: Lut, image: Image.Image, threads: int) -> Image.Image:
     lut_filter = _pillow_filter(lut)
-    strips = max(1, min(threads, image.height))
-    if strips == 1:
+    if threads <= 1 or image.height < 2:
         return image.filter(lut_filter)
+    # Several strips per thread, so a thread slowed by another process does not hold up the photo
+    # (2 strips on 2 threads: 0.20-0.24 s per 4K photo; 8 strips: 0.14-0.19 s in the same runs).
+    strips = min(_STRIPS_PER_THREAD * threads, image.height)
     bounds = [(0, i * image.height // strips, image.width, (i + 1) * image.height // strips)
               for i in range(strips)]
-    parts = list(_strip_pool(strips).map(lambda box: image.crop(box).filter(lut_filter), bounds))
+    parts = list(_strip_pool(threads).map(lambda box: image.crop(box).filter(lut_filter), bounds))
     out = Image.new("RGB", image.size)
     for box, part in zip(bounds, parts):
         out.paste(part, box[:2])
