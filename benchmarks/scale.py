@@ -51,12 +51,13 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.dispatch import MAX_RUN_PARAMETER_BYTES
 from flows.refresh import catalogue_refresh
 from storage.layout import write_catalogue_index
 from storage.run_layout import done_key
 from storage.store import open_store
-from tasks.edit import cut_shards
-from tasks.params import ApplyParams, LearnParams, PartitionJob, QCConfig, RefreshConfig, ReviewConfig
+from tasks.edit import cut_shards, pack_pieces
+from tasks.params import ApplyParams, LearnParams, PartitionJob, PartitionPiece, QCConfig, RefreshConfig, ReviewConfig
 from tests.deployments.server import PREFECT, ROOT, free_port, running_server
 
 BUCKET = "scale"
@@ -166,8 +167,9 @@ def prepare_pools(env: dict[str, str], folder: Path) -> None:
 
 
 @contextmanager
-def gpu_workers(folder: Path, env: dict[str, str], count: int) -> Iterator[None]:
-    """`count` workers on the gpu pool, one flow run at a time each, every one with its own home."""
+def gpu_workers(folder: Path, env: dict[str, str], count: int, query_s: float) -> Iterator[None]:
+    """`count` workers on the gpu pool, one flow run at a time each, every one with its own home,
+    polling the pool every `query_s` seconds (deployments/README.md recommends 2; Prefect's default 10)."""
     procs = []
     for n in range(count):
         name = f"gpu-{count}-{n}"
@@ -176,7 +178,8 @@ def gpu_workers(folder: Path, env: dict[str, str], count: int) -> Iterator[None]
             procs.append(subprocess.Popen(
                 [*PREFECT, "worker", "start", "--pool", "gpu", "--name", name, "--limit", "1"],
                 cwd=folder / f"cwd-{name}", env={**env, "PREFECT_HOME": str(folder / f"home-{name}"),
-                                                 "RETOUCH_HOME": str(ROOT)},
+                                                 "RETOUCH_HOME": str(ROOT),
+                                                 "PREFECT_WORKER_QUERY_SECONDS": str(query_s)},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     try:
         yield
@@ -265,8 +268,11 @@ def measure(label: str, cfg: RefreshConfig, index: pd.DataFrame, parallelism: in
     jobs = [PartitionJob(store_uri="-", output_uri="-", run_id="-", partition=p, items=rows.to_dict("records"),
                          instructions={}) for p, rows in index.groupby("partition")]
     pieces = [piece for job in jobs for piece in cut_shards(job, cfg.shard_size)]
+    # The product packs the pieces for the pool's online workers (`parallelism` of them here).
+    packs = pack_pieces([PartitionPiece(job=job, shard=shard) for job, shard in pieces], cfg.shard_size,
+                        parallelism, max_bytes=MAX_RUN_PARAMETER_BYTES) if cfg.gpu_work_pool else []
     executed = {"edit_partition": len(pieces), "merge_shards": sum(s == 0 for _, s in pieces),
-                "edit_partition_on_pool": len(pieces) if cfg.gpu_work_pool else 0}
+                "edit_partition_on_pool": len(packs)}
     runs = [state.state_details.flow_run_id] + (flow_run_ids(f"run:{cfg.run_id}") if cfg.gpu_work_pool else [])
     recorded = recorded_task_runs(runs)
     queue, start = dispatch_latencies(cfg.run_id) if cfg.gpu_work_pool else ([], [])
@@ -316,10 +322,13 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=64, help="pixels per side of each catalogue image")
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--paths", default="threads,pool1,pool2", help="any of threads, pool1, pool2")
+    parser.add_argument("--worker-query-s", type=float, default=2,
+                        help="the gpu workers' PREFECT_WORKER_QUERY_SECONDS (Prefect's default is 10)")
     args = parser.parse_args()
     paths = args.paths.split(",")
     folder = Path(tempfile.mkdtemp(prefix="retouch-scale-"))
-    print(f"{args.items} items in {args.partitions} partitions, {args.side}px, shard_size {args.shard_size}; "
+    print(f"{args.items} items in {args.partitions} partitions, {args.side}px, shard_size {args.shard_size}, "
+          f"workers poll every {args.worker_query_s:g} s; "
           f"work folder {folder}", flush=True)
     with seaweedfs(folder) as store_uri:
         started = time.monotonic()
@@ -334,7 +343,7 @@ def main() -> None:
                                        index, 2, folder / "server.log"))
             for count in (1, 2):
                 if f"pool{count}" in paths:
-                    with gpu_workers(folder, env, count):
+                    with gpu_workers(folder, env, count, args.worker_query_s):
                         results.append(measure(f"pool x{count}",
                                                config(store_uri, f"scale-pool{count}", True, args.shard_size),
                                                index, count, folder / "server.log"))

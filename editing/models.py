@@ -16,16 +16,20 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHIPPED = {"ip2p": "retouch-tiny-ip2p", "t2i": "retouch-tiny-t2i"}
-PIPELINES: dict[str, type[DiffusionPipeline]] = {
-    "ip2p": StableDiffusionInstructPix2PixPipeline,
-    "t2i": StableDiffusionPipeline,
+# The diffusers pipeline class per kind, by name: diffusers is imported when a model is loaded, so a
+# process that only applies LUTs (a partition run on the LUT route) starts without it (~5 s less).
+PIPELINES: dict[str, str] = {
+    "ip2p": "StableDiffusionInstructPix2PixPipeline",
+    "t2i": "StableDiffusionPipeline",
 }
 UNET_IN_CHANNELS = {"ip2p": 8, "t2i": 4}
 # Compute dtypes by the names configs and the CLI use.
@@ -153,7 +157,9 @@ def load_model(
     folder = Path(path) if path is not None else shipped_model_dir(kind)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    pipe = PIPELINES[kind].from_pretrained(
+    import diffusers
+
+    pipe = getattr(diffusers, PIPELINES[kind]).from_pretrained(
         folder, dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
     )
     if pipe.unet.config.in_channels != UNET_IN_CHANNELS[kind]:

@@ -1,6 +1,7 @@
-"""Sending shards to the GPU work pool and waiting for them: the Prefect API mechanics behind
-`edit_partition_on_pool` (flows/refresh.py). One `DispatchGate` per process paces every API call;
-a run whose worker was lost is found by its silence, marked Crashed and sent again."""
+"""Sending packs of partitions and shards to the GPU work pool and waiting for them: the Prefect API
+mechanics behind `edit_partition_on_pool` (flows/refresh.py). One `DispatchGate` per process paces
+every API call; a run whose worker was lost is found by its silence, marked Crashed, and its
+unfinished pieces are sent again."""
 
 from __future__ import annotations
 
@@ -18,38 +19,59 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from prefect.states import Cancelled, Crashed
 
 from tasks.edit import finished
-from tasks.params import PartitionJob, RefreshConfig
+from tasks.params import PartitionPiece, RefreshConfig
 from tasks.review import run_tag
 
 # A partition whose runs keep crashing (a poison input that kills the process) stops being resent.
 MAX_DISPATCHES = 3
-# Seconds between two looks at a partition run on the pool: two API calls per look and partition.
-POLL_S = 5
+# Seconds between two looks at a pool run: two API calls per look and run, paced by the gate. A
+# run's end is noticed this late at most, so it adds to every run's dispatch cost.
+POLL_S = 2
 HEARTBEAT = "prefect.flow-run.heartbeat"
 # Prefect API calls of the dispatch in flight at once, whatever the rate.
 API_AT_ONCE = 4
+# A pool run's parameters (its pack of work orders) stay below this: the API refuses more than 512 KB.
+MAX_RUN_PARAMETER_BYTES = 400_000
 
 
-def run_on_pool(job: PartitionJob, deployment: str, silence_s: int, shard: int | None, calls_per_s: float) -> dict:
-    """One shard as a run of `deployment`, waited for, and sent again after a lost worker (at most
-    MAX_DISPATCHES times in a row); returns its summary, read from the store."""
-    if (done := finished(job, shard)) is not None:
-        return done
+def run_on_pool(pieces: list[PartitionPiece], deployment: str, silence_s: int, calls_per_s: float) -> list[dict]:
+    """A pack of pieces as one run of `deployment`, waited for, and its unfinished pieces sent again
+    after a lost worker (at most MAX_DISPATCHES times in a row); returns one summary per piece, read
+    from the store."""
+    done = {i: summary for i, piece in enumerate(pieces) if (summary := finished(piece.job, piece.shard))}
     gate = dispatch_gate(calls_per_s)
-    name = job.partition if shard is None else f"{job.partition} shard {shard}"
-    parameters = {"job": job.model_dump(mode="json"), **({"shard": shard} if shard is not None else {})}
     for dispatch in range(1, MAX_DISPATCHES + 1):
+        todo = [piece for i, piece in enumerate(pieces) if i not in done]
+        if not todo:
+            break
+        name = pack_name(todo)
+        parameters = {"pieces": [piece.model_dump(mode="json") for piece in todo]}
         with gate.call():
-            run = run_deployment(deployment, parameters=parameters, timeout=0, tags=[run_tag(job.run_id)])
+            run = run_deployment(deployment, parameters=parameters, timeout=0, tags=[run_tag(todo[0].job.run_id)])
         run = wait_for_partition_run(run.id, silence_s, gate)
         if run.state.is_completed():
-            return {**finished(job, shard), "skipped": False}
+            fresh = {i: {**finished(piece.job, piece.shard), "skipped": False}
+                     for i, piece in enumerate(pieces) if i not in done}
+            return [done.get(i) or fresh[i] for i in range(len(pieces))]
         if not run.state.is_crashed():
-            raise RuntimeError(f"partition {name}: flow run {run.name} ended {run.state_name}")
-        get_run_logger().warning("partition %s: flow run %s crashed (%s); sending the partition again "
-                                 "(dispatch %d of %d)", name, run.name, run.state.message,
-                                 dispatch + 1, MAX_DISPATCHES)
-    raise RuntimeError(f"partition {name}: {MAX_DISPATCHES} flow runs crashed in a row")
+            raise RuntimeError(f"{name}: flow run {run.name} ended {run.state_name}")
+        # Pieces the lost run finished (their marker or shard file is written) are not sent again.
+        done |= {i: {**summary, "skipped": False} for i, piece in enumerate(pieces)
+                 if i not in done and (summary := finished(piece.job, piece.shard))}
+        if len(done) < len(pieces) and dispatch < MAX_DISPATCHES:
+            get_run_logger().warning("%s: flow run %s crashed (%s); sending its unfinished pieces again "
+                                     "(dispatch %d of %d)", name, run.name, run.state.message,
+                                     dispatch + 1, MAX_DISPATCHES)
+    if len(done) < len(pieces):
+        raise RuntimeError(f"{pack_name(pieces)}: {MAX_DISPATCHES} flow runs crashed in a row")
+    return [done[i] for i in range(len(pieces))]
+
+
+def pack_name(pieces: list[PartitionPiece]) -> str:
+    """How logs name a pack: its pieces, the first few of a long one."""
+    labels = [piece.label for piece in pieces]
+    shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+    return f"partition {shown}" if len(labels) == 1 else f"pack of {len(labels)} ({shown})"
 
 
 class DispatchGate:
@@ -134,10 +156,10 @@ def last_heartbeat(client: SyncPrefectClient, flow_run_id: UUID) -> UUID | None:
 
 
 def in_flight(config: RefreshConfig, shards: int) -> int:
-    """How many shards are worked on at once: `workers` threads in this process, or on the pool path
-    `pool_in_flight`, else the pool's concurrency limit, else every shard (the workers' own `--limit`
-    then decides how many run; the rest wait in the pool's queue, and the waiting threads' API calls
-    are paced by the `DispatchGate`)."""
+    """How many shards (or pool runs) are worked on at once: `workers` threads in this process, or on
+    the pool path `pool_in_flight`, else the pool's concurrency limit, else every one of them (the
+    workers' own `--limit` then decides how many run; the rest wait in the pool's queue, and the
+    waiting threads' API calls are paced by the `DispatchGate`)."""
     if not config.gpu_work_pool:
         return config.workers
     if config.pool_in_flight:
@@ -145,6 +167,20 @@ def in_flight(config: RefreshConfig, shards: int) -> int:
     with get_client(sync_client=True) as client:
         limit = client.read_work_pool(config.gpu_work_pool).concurrency_limit
     return max(1, limit or shards)
+
+
+def pool_runners(config: RefreshConfig) -> int:
+    """How many pool runs can run at once, which the night's packs are a multiple of:
+    `pool_in_flight`, else the pool's concurrency limit, else the pool's online workers (each
+    taking one at a time: start GPU workers with `--limit 1`), else 1."""
+    if config.pool_in_flight:
+        return config.pool_in_flight
+    with get_client(sync_client=True) as client:
+        limit = client.read_work_pool(config.gpu_work_pool).concurrency_limit
+        if limit:
+            return limit
+        workers = client.read_workers_for_work_pool(config.gpu_work_pool)
+    return max(1, sum(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers))
 
 
 def check_partition_deployment(deployment: str, work_pool: str) -> None:

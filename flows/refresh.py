@@ -9,7 +9,8 @@ model is not even loaded. Without them, the instruction cache and the completion
 store still make it a skip.
 
 Partitions larger than `shard_size` are edited in shards (tasks/edit.py `cut_shards`); on a work pool
-every shard is one flow run, and every API call of the dispatch passes one `DispatchGate`.
+partitions and shards are packed into runs of at most `shard_size` items (`pack_pieces`), and every
+API call of the dispatch passes one `DispatchGate`.
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dispatch import check_partition_deployment, in_flight, run_on_pool
+from flows.dispatch import MAX_RUN_PARAMETER_BYTES, check_partition_deployment, in_flight, pool_runners, run_on_pool
 from flows.learn import learn_instructions
 from flows.review import check_review_policy, review_and_publish
 from storage.run_layout import edited_prefix, manifest_prefix
 from storage.store import open_store
-from tasks.edit import cut_shards, edit_partition, merge_shards, resumable
+from tasks.edit import cut_shards, edit_partition, merge_shards, pack_pieces, resumable
 from tasks.ingest import catalogue_partitions
 from tasks.lease import acquire_run_lease, release_run_lease
 from tasks.monitor import record_run
-from tasks.params import PartitionJob, RefreshConfig
+from tasks.params import PartitionJob, PartitionPiece, RefreshConfig
 from tasks.report import report_category, write_run_summary
 
 
@@ -79,9 +80,11 @@ def learn_once(config: RefreshConfig) -> dict[str, dict]:
 
 
 def edit_partitions(jobs: list[PartitionJob], config: RefreshConfig) -> list[dict]:
-    """One task per shard (a partition of at most `shard_size` items is one shard): in this process
-    by default, as deployment runs on a GPU pool if set; then the partitions cut into shards are
-    merged into one manifest file each. Returns one summary per partition.
+    """One task per shard (a partition of at most `shard_size` items is one shard) in this process
+    by default; with a GPU pool set, the shards are packed into pool runs of at most `shard_size`
+    items, as many as the pool's runners or a multiple of them (`pack_pieces`), one task per run.
+    Then the partitions cut into shards are merged into one manifest file each. Returns one summary
+    per partition.
 
     Every shard is waited for before a failure is raised, so one bad shard does not stop the others;
     a re-run then only redoes the shards and partitions not yet done. Not a subflow: a subflow's
@@ -90,51 +93,68 @@ def edit_partitions(jobs: list[PartitionJob], config: RefreshConfig) -> list[dic
     """
     kept = resumable(config.output_uri)
     cuts = {job.partition: cut_shards(job, config.shard_size) for job in jobs}
-    shard_jobs = [job for pieces in cuts.values() for job, _ in pieces]
-    shards = [shard for pieces in cuts.values() for _, shard in pieces]
-    with ThreadPoolTaskRunner(max_workers=in_flight(config, len(shards))) as runner:
-        if config.gpu_work_pool:
-            check_partition_deployment(config.partition_deployment, config.gpu_work_pool)
+    pieces = [PartitionPiece(job=job, shard=shard) for part in cuts.values() for job, shard in part]
+    if config.gpu_work_pool:
+        check_partition_deployment(config.partition_deployment, config.gpu_work_pool)
+        packs = pack_pieces(pieces, config.shard_size, pool_runners(config), max_bytes=MAX_RUN_PARAMETER_BYTES)
+        get_run_logger().info("%d shards packed into %d pool runs of %s items", len(pieces), len(packs),
+                              "/".join(str(sum(len(p.job.items) for p in pack)) for pack in packs))
+        with ThreadPoolTaskRunner(max_workers=in_flight(config, len(packs))) as runner:
             futures = runner.map(edit_partition_on_pool.with_options(**kept), {
-                "job": shard_jobs, "deployment": unmapped(config.partition_deployment),
-                "silence_s": unmapped(config.partition_silence_s), "shard": shards,
+                "pieces": packs, "deployment": unmapped(config.partition_deployment),
+                "silence_s": unmapped(config.partition_silence_s),
                 "calls_per_s": unmapped(config.dispatch_calls_per_s)})
-        else:
-            futures = runner.map(edit_partition.with_options(**kept), {"job": shard_jobs, "shard": shards})
-        wait(futures)
-        edited = {s["partition"]: s for s in (future.result() for future in futures)}
+            wait(futures)
+            results = [s for future in futures for s in future.result()]
+    else:
+        with ThreadPoolTaskRunner(max_workers=in_flight(config, len(pieces))) as runner:
+            futures = runner.map(edit_partition.with_options(**kept),
+                                 {"job": [p.job for p in pieces], "shard": [p.shard for p in pieces]})
+            wait(futures)
+            results = [future.result() for future in futures]
+    edited = {s["partition"]: s for s in results}
     cut = [job for job in jobs if len(cuts[job.partition]) > 1]
     if cut:
         merged = merge_shards.with_options(**kept).map(cut, [len(cuts[job.partition]) for job in cut]).result()
         edited |= {s["partition"]: s for s in merged}
     summaries = [edited[job.partition] for job in jobs]
     done = sum(not s["skipped"] for s in summaries)
-    get_run_logger().info("%d partitions edited (%d shards), %d already done", done, len(shards),
+    get_run_logger().info("%d partitions edited (%d shards), %d already done", done, len(pieces),
                           len(summaries) - done)
     return summaries
 
 
 @flow(name="refresh-partition")
-def refresh_partition(job: PartitionJob, shard: int | None = None) -> dict:
-    """Edit one partition, or one shard of it; deployed on the GPU work pool, started per shard by
-    catalogue_refresh."""
-    return edit_partition.with_options(**resumable(job.output_uri))(job, shard)
+def refresh_partition(pieces: list[PartitionPiece]) -> list[dict]:
+    """Edit a pack of partitions and shards, one after another; deployed on the GPU work pool,
+    started per pack by catalogue_refresh. Every piece is tried before a failure is raised, so the
+    pieces that finished are not sent again."""
+    results, failed = [], []
+    for piece in pieces:
+        try:
+            results.append(edit_partition.with_options(**resumable(piece.job.output_uri))(piece.job, piece.shard))
+        except Exception as error:  # noqa: BLE001 - reported below, after the other pieces ran
+            get_run_logger().error("%s failed: %s", piece.label, error)
+            failed.append(f"{piece.label}: {error}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(pieces)} pieces failed: " + "; ".join(failed))
+    return results
 
 
 @task(retries=1, retry_delay_seconds=[30])
-def edit_partition_on_pool(job: PartitionJob, deployment: str, silence_s: int = 120, shard: int | None = None,
-                           calls_per_s: float = 10) -> dict:
-    """Run one partition (or shard) as a run of the partition deployment and wait for it; returns its
-    summary.
+def edit_partition_on_pool(pieces: list[PartitionPiece], deployment: str, silence_s: int = 120,
+                           calls_per_s: float = 10) -> list[dict]:
+    """Run a pack of partitions and shards as one run of the partition deployment and wait for it;
+    returns one summary per piece.
 
     Finished work (a partition marker, a shard file) is not sent to the pool again: a re-run would
-    otherwise start (and wait for) one GPU flow run per finished shard just to skip it. A run whose
-    worker was lost is marked Crashed (flows/dispatch.py) and the shard is sent again, to
-    whichever worker takes it: the new run skips nothing it should not, since only finished work has
-    a marker, and rewrites the lost run's outputs into the same keys. Every API call of this goes
-    through the process's one `DispatchGate` for `calls_per_s`.
+    otherwise start (and wait for) a GPU flow run just to skip it. A run whose worker was lost is
+    marked Crashed (flows/dispatch.py) and its unfinished pieces are sent again, to whichever worker
+    takes them: the new run skips nothing it should not, since only finished work has a marker, and
+    rewrites the lost run's outputs into the same keys. Every API call of this goes through the
+    process's one `DispatchGate` for `calls_per_s`.
     """
-    return run_on_pool(job, deployment, silence_s, shard, calls_per_s)
+    return run_on_pool(pieces, deployment, silence_s, calls_per_s)
 
 
 def partition_job(config: RefreshConfig, run_id: str, partition: str, items: list[dict],

@@ -61,7 +61,7 @@ from storage.store import (
     open_store,
 )
 from tasks.models import cached_model, model_step
-from tasks.params import PartitionJob
+from tasks.params import PartitionJob, PartitionPiece
 
 METHOD = "instructbrush"
 _INSTRUCTIONS: dict[tuple[str, str], LearnedInstruction] = {}
@@ -204,6 +204,45 @@ def cut_shards(job: PartitionJob, shard_size: int) -> list[tuple[PartitionJob, i
     items = sorted(job.items, key=lambda item: item["image_id"])
     return [(job.model_copy(update={"items": items[start:start + shard_size]}), n)
             for n, start in enumerate(range(0, len(items), shard_size))]
+
+
+def pack_pieces(pieces: list[PartitionPiece], max_items: int, runners: int,
+                max_bytes: int | None = None) -> list[list[PartitionPiece]]:
+    """Pieces (whole partitions and shards, never split) packed into the fewest pool runs such that
+    every run carries at most `max_items` items (and, if given, at most `max_bytes` of JSON
+    parameters), with the number of runs a multiple of `runners` (the workers that take them) so
+    that each gets the same share; no more runs than pieces.
+
+    Each run's start costs seconds to tens of seconds (a fresh process, imports, the pull step), so a
+    night of many small partitions would otherwise spend more time starting runs than editing.
+    Pieces go largest first to the least loaded run, which keeps the runs within one piece of
+    each other.
+    """
+    if not pieces:
+        return []
+    if max_items < 1 or runners < 1:
+        raise ValueError(f"max_items and runners must be >= 1, got {max_items} and {runners}")
+    sizes = [len(piece.job.items) for piece in pieces]
+    weights = [len(piece.model_dump_json()) for piece in pieces] if max_bytes else [0] * len(pieces)
+    if max_bytes and max(weights) > max_bytes:
+        piece = pieces[weights.index(max(weights))]
+        raise ValueError(f"{piece.label}: {len(piece.job.items)} items make {max(weights) // 1000} KB of "
+                         f"flow-run parameters, over the {max_bytes // 1000} KB a pool run may carry; lower shard_size")
+    runs = math.ceil(math.ceil(sum(sizes) / max_items) / runners) * runners
+    order = sorted(range(len(pieces)), key=lambda i: (-sizes[i], i))
+    while True:
+        runs = min(runs, len(pieces))
+        packs: list[list[int]] = [[] for _ in range(runs)]
+        load, heft = [0] * runs, [0] * runs
+        for i in order:
+            target = min(range(runs), key=lambda r: (load[r], r))
+            packs[target].append(i)
+            load[target] += sizes[i]
+            heft[target] += weights[i]
+        fits = max(load) <= max_items and (not max_bytes or max(heft) <= max_bytes)
+        if fits or runs == len(pieces):
+            return [[pieces[i] for i in sorted(pack)] for pack in packs]
+        runs += runners
 
 
 def finished(job: PartitionJob, shard: int | None = None) -> dict | None:

@@ -286,12 +286,13 @@ class RefreshConfig(_Config):
         "lost). Heartbeats come every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30 on the partition "
         "deployment, Prefect's minimum); keep this above the time a worker needs to start a run.")
     shard_size: int = Field(
-        500, ge=1, le=2_000,
+        500, ge=1, le=10_000,
         description="A partition of more items is cut into shards of at most this many, each edited as its own "
-        "task (or pool flow run); the manifest stays one file per partition. Flow runs per night on the pool = "
-        "the sum over partitions of ceil(items / shard_size): size a shard to take minutes on one worker "
-        "(deployments/README.md, Sizing). At most 2,000: a shard's items are its pool run's parameters, "
-        "which Prefect caps at 512 KB (about 4,500 items).")
+        "task; the manifest stays one file per partition. On the pool it is also the most items one flow run "
+        "carries: small partitions and shards are packed together into runs of at most this many, at least "
+        "one run per worker and a multiple of the worker count (deployments/README.md, Sizing). A run's "
+        "items are its parameters, which Prefect caps at 512 KB (about 4,500 items): a pack is split "
+        "further to stay under 400 KB.")
     dispatch_calls_per_s: float = Field(
         10, gt=0, le=1000,
         description="gpu_work_pool only: Prefect API calls per second of the dispatch (starting shard runs and "
@@ -325,3 +326,15 @@ class PartitionJob(_Config):
     model_slot: str | None = Field(None, description="Prefect global concurrency limit around model calls.")
     apply: ApplyParams = Field(default_factory=ApplyParams, description="Applying the instructions.")
     qc: QCConfig = Field(default_factory=QCConfig, description="Quality-check thresholds.")
+
+
+class PartitionPiece(_Config):
+    """One piece of a night's editing: a whole partition (shard empty) or one shard of it. A pool run
+    carries a pack of pieces (tasks/edit.py `pack_pieces`)."""
+
+    job: PartitionJob = Field(description="The partition's work order (a shard's: its slice of the items).")
+    shard: int | None = Field(None, ge=0, description="The shard's number; empty = the whole partition.")
+
+    @property
+    def label(self) -> str:
+        return self.job.partition if self.shard is None else f"{self.job.partition} shard {self.shard}"

@@ -21,11 +21,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 SPACES = ("attention", "text")
 

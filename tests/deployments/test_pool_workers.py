@@ -195,7 +195,11 @@ def partition_runs(run_id: str) -> list[FlowRun]:
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(PARTITIONS)
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-    return sorted((r for r in runs if r.parameters["job"]["run_id"] == run_id), key=lambda r: r.created)
+    return sorted((r for r in runs if r.parameters["pieces"][0]["job"]["run_id"] == run_id), key=lambda r: r.created)
+
+
+def partitions_of(run: FlowRun) -> list[str]:
+    return [piece["job"]["partition"] for piece in run.parameters["pieces"]]
 
 
 def submitted_by(flow_run_ids: set[UUID], timeout_s: float = 60) -> dict[UUID, str]:
@@ -242,7 +246,9 @@ def test_partitions_run_as_flow_runs_on_both_gpu_workers(cluster: Cluster, tmp_p
 
     assert parent.state.is_completed(), f"{parent.state_name}: {parent.state.message}\n{cluster.logs()}"
     children = partition_runs("pool-e2e")
-    assert sorted(r.parameters["job"]["partition"] for r in children) == ["p0", "p1", "p2"]
+    # Packed for the two online gpu workers: two runs, three partitions.
+    assert len(children) == 2, [partitions_of(r) for r in children]
+    assert sorted(p for r in children for p in partitions_of(r)) == ["p0", "p1", "p2"]
     assert all(r.state.is_completed() for r in children), [(r.name, r.state_name) for r in children]
     workers = submitted_by({r.id for r in children})
     assert set(workers.values()) == set(GPU_WORKERS), workers
@@ -272,8 +278,7 @@ def test_a_gpu_worker_killed_mid_partition_is_detected_and_the_partition_sent_ag
     while not list(outputs.glob("*/p2/*.png")):
         assert time.monotonic() < deadline, f"p2 never started:\n{cluster.logs()}"
         time.sleep(0.02)
-    victim_run = next(r for r in partition_runs("pool-kill") if r.parameters["job"]["partition"] == "p2"
-                      and r.state.is_running())
+    victim_run = next(r for r in partition_runs("pool-kill") if "p2" in partitions_of(r) and r.state.is_running())
     pid = int(str(victim_run.infrastructure_pid).rsplit(":", 1)[-1])
     victim = next(name for name in GPU_WORKERS if pid in {p.pid for p in process_tree(cluster.workers[name])})
     kill_tree(cluster.workers[victim])
@@ -287,7 +292,7 @@ def test_a_gpu_worker_killed_mid_partition_is_detected_and_the_partition_sent_ag
     with get_client(sync_client=True) as client:
         crashed = client.read_flow_run(victim_run.id)
     assert crashed.state.is_crashed() and "its worker was lost" in crashed.state.message, crashed.state
-    p2_runs = [r for r in partition_runs("pool-kill") if r.parameters["job"]["partition"] == "p2"]
+    p2_runs = [r for r in partition_runs("pool-kill") if "p2" in partitions_of(r)]
     assert [r.state_name for r in p2_runs] == ["Crashed", "Completed"], [(r.name, r.state_name) for r in p2_runs]
     survivor = next(name for name in GPU_WORKERS if name != victim)
     assert submitted_by({p2_runs[1].id})[p2_runs[1].id] == survivor

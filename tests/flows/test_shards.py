@@ -16,7 +16,7 @@ from uuid import uuid4
 
 import pytest
 from prefect import flow
-from prefect.states import Completed
+from prefect.states import Completed, Crashed
 
 from flows import dispatch, refresh
 from flows.learn import learn_instructions
@@ -24,7 +24,7 @@ from storage.manifest import read_manifest
 from storage.run_layout import done_key, manifest_prefix, shard_key
 from storage.store import open_store
 from tasks import edit
-from tasks.params import ApplyParams, LearnParams, PartitionJob, RefreshConfig, ReviewConfig
+from tasks.params import ApplyParams, LearnParams, PartitionJob, PartitionPiece, RefreshConfig, ReviewConfig
 from tests.flows.reliability_helpers import LENIENT_QC, assert_nothing_lost, build_shop
 from tests.tiny_models import build_tiny_ip2p
 
@@ -84,6 +84,34 @@ def test_a_partition_is_cut_into_shards_of_at_most_shard_size_in_image_id_order(
     assert [[i["image_id"] for i in j.items] for j, _ in shards] == [
         ["sku-00", "sku-01", "sku-02"], ["sku-03", "sku-04", "sku-05"], ["sku-06"]]
     assert all(j.partition == "p0" and j.run_id == "r" for j, _ in shards)
+
+
+def pieces_of(sizes: list[int]) -> list[PartitionPiece]:
+    return [PartitionPiece(job=job(n).model_copy(update={"partition": f"p{i}"})) for i, n in enumerate(sizes)]
+
+
+def test_pieces_are_packed_into_runs_a_multiple_of_the_runners_within_max_items():
+    pieces = pieces_of([100] * 50)
+    packs = edit.pack_pieces(pieces, max_items=2500, runners=2)
+    assert [sum(len(p.job.items) for p in pack) for pack in packs] == [2500, 2500]
+    assert sorted(p.job.partition for pack in packs for p in pack) == sorted(p.job.partition for p in pieces)
+    # 3 runs' worth of items on 2 runners: 4 runs, so neither worker does twice the other's work.
+    assert [sum(len(p.job.items) for p in pack) for pack in edit.pack_pieces(pieces, 2000, 2)] == [1300, 1300, 1200, 1200]
+    # Never more runs than pieces, and a lumpy night stays within one piece of even.
+    assert len(edit.pack_pieces(pieces_of([4, 4, 4]), 500, 8)) == 3
+    loads = [sum(len(p.job.items) for p in pack) for pack in edit.pack_pieces(pieces_of([48, 4, 4]), 500, 2)]
+    assert loads == [48, 8]
+    lumpy = edit.pack_pieces(pieces_of([300, 300, 300, 250, 150]), 500, 1)
+    assert sorted(sum(len(p.job.items) for p in pack) for pack in lumpy) == [300, 300, 300, 400]
+
+
+def test_a_pack_is_split_to_keep_its_run_parameters_under_the_api_limit():
+    pieces = pieces_of([100] * 8)
+    one = len(pieces[0].model_dump_json())
+    packs = edit.pack_pieces(pieces, max_items=10_000, runners=1, max_bytes=3 * one)
+    assert len(packs) == 3 and all(sum(len(p.model_dump_json()) for p in pack) <= 3 * one for pack in packs)
+    with pytest.raises(ValueError, match=r"p0: 100 items make \d+ KB of flow-run parameters.*lower shard_size"):
+        edit.pack_pieces(pieces, max_items=10_000, runners=1, max_bytes=one - 1)
 
 
 def test_sharded_refresh_keeps_one_manifest_file_per_partition_and_bounds_shards_in_flight(shop, monkeypatch):
@@ -167,8 +195,9 @@ def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkey
 
     def run_deployment(deployment, parameters, timeout, tags):
         assert deployment == "refresh-partition/gpu" and timeout == 0 and tags == ["run:pooled"]
-        shards_run.append((parameters["job"]["partition"], parameters["shard"]))
-        edit.edit_partition.fn(PartitionJob.model_validate(parameters["job"]), parameters["shard"])
+        for piece in parameters["pieces"]:
+            shards_run.append((piece["job"]["partition"], piece["shard"]))
+            edit.edit_partition.fn(PartitionJob.model_validate(piece["job"]), piece["shard"])
         return SimpleNamespace(id=uuid4())
 
     class Client:
@@ -198,3 +227,49 @@ def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkey
     assert calls.most <= dispatch.API_AT_ONCE
     manifest = read_manifest(open_store(store_uri), "pooled")
     assert sorted(manifest["image_id"]) == sorted(index["image_id"])
+
+
+def test_on_the_pool_small_partitions_share_a_run_and_a_crashed_run_resends_only_unfinished_pieces(shop, monkeypatch):
+    """The pool path with the API faked, 2 runners and 3 partitions of 5 items (shard_size 10, so no
+    cuts): 2 runs, one with two partitions. That run finishes its first piece, then its worker is
+    lost (Crashed): the run sent again carries only the unfinished piece."""
+    store_uri, model, index = shop
+    cfg = config(store_uri, "packed", model, gpu_work_pool="gpu", pool_in_flight=2).model_copy(update={"shard_size": 10})
+    instructions = learn_instructions(cfg)
+    jobs = [refresh.partition_job(cfg, "packed", p, [dict(r) for r in rows.to_dict("records")], instructions)
+            for p, rows in index.groupby("partition")]
+    runs, states = [], {}
+
+    def run_deployment(deployment, parameters, timeout, tags):
+        pieces = [PartitionPiece.model_validate(piece) for piece in parameters["pieces"]]
+        runs.append([piece.label for piece in pieces])
+        crash = len(pieces) > 1 and not any(len(r) == 1 and r[0] == pieces[-1].label for r in runs[:-1])
+        for piece in pieces[:1] if crash else pieces:
+            edit.edit_partition.fn(piece.job, piece.shard)
+        run_id = uuid4()
+        states[run_id] = Crashed(message="worker lost") if crash else Completed()
+        return SimpleNamespace(id=run_id)
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read_flow_run(self, flow_run_id):
+            state = states[flow_run_id]
+            return SimpleNamespace(state=state, name=f"run-{flow_run_id}", state_name=state.name)
+
+    monkeypatch.setattr(dispatch, "run_deployment", run_deployment)
+    monkeypatch.setattr(dispatch, "get_client", lambda sync_client: Client())
+    monkeypatch.setattr(refresh, "check_partition_deployment", lambda deployment, pool: None)
+
+    summaries = flow(name="pool-packs")(refresh.edit_partitions)(jobs, cfg)
+
+    two = next(r for r in runs if len(r) == 2)
+    assert sorted(map(sorted, runs)) == sorted([sorted(two), [l for l in ("p0", "p1", "p2") if l not in two], [two[1]]])
+    assert [s["partition"] for s in summaries] == ["p0", "p1", "p2"]
+    assert [s["items"] for s in summaries] == [PER_PARTITION] * PARTITIONS
+    manifest = read_manifest(open_store(store_uri), "packed")
+    assert sorted(manifest["image_id"]) == sorted(index["image_id"]), "an item lost or written twice"
