@@ -5,13 +5,14 @@ with 1 and with 2 `prefect worker start --limit 1` workers (each single-threaded
 
 Per path: wall time of the edit stage and the sum of in-task compute (the partitions' own
 `duration_s`), orchestration overhead = (wall - compute / parallelism) / wall, dispatch latency per
-partition run (Pending -> Running on the pool: process start, pull step, imports; and the wait in the
-pool's queue before it), Prefect API calls per item (the server's access log: every process, workers'
+pool run (Pending -> Running: process start, pull step, imports; and the wait in the pool's queue
+before it; a pool run carries a pack of partitions of at most `--shard-size` items), Prefect API calls per item (the server's access log: every process, workers'
 polls included), and the edit stage's task runs recorded by the server against those executed. Ratios
 against the threads baseline and the 1-worker pool run of the same invocation, and the issue-16 targets.
 
 Run (alone on the machine for real figures):
     nice -n 10 .venv/bin/python -m benchmarks.scale [--items 5000] [--partitions 50] [--side 64]
+        [--shard-size 500] [--worker-query-s 2] [--paths threads,pool1,pool2]
 """
 
 from __future__ import annotations
@@ -169,7 +170,11 @@ def prepare_pools(env: dict[str, str], folder: Path) -> None:
 @contextmanager
 def gpu_workers(folder: Path, env: dict[str, str], count: int, query_s: float) -> Iterator[None]:
     """`count` workers on the gpu pool, one flow run at a time each, every one with its own home,
-    polling the pool every `query_s` seconds (deployments/README.md recommends 2; Prefect's default 10)."""
+    polling the pool every `query_s` seconds (deployments/README.md recommends 2; Prefect's default 10).
+    The pool's concurrency limit is set to `count`, as the guide says, so the refresh packs the night
+    for these workers and not for the previous path's, which the server still shows online for a while."""
+    subprocess.run([*PREFECT, "work-pool", "set-concurrency-limit", "gpu", str(count)], env=env, check=True,
+                   capture_output=True, timeout=300)
     procs = []
     for n in range(count):
         name = f"gpu-{count}-{n}"
@@ -240,7 +245,7 @@ def recorded_task_runs(flow_runs: list) -> dict[str, int]:
 
 
 def dispatch_latencies(run_id: str) -> tuple[list[float], list[float]]:
-    """Per partition run on the pool: (queue wait: created -> Pending, start: Pending -> Running)."""
+    """Per run on the pool: (queue wait: created -> Pending, start: Pending -> Running)."""
     queue, start = [], []
     with get_client(sync_client=True) as client:
         for flow_run_id in flow_run_ids(f"run:{run_id}"):

@@ -273,3 +273,31 @@ def test_on_the_pool_small_partitions_share_a_run_and_a_crashed_run_resends_only
     assert [s["items"] for s in summaries] == [PER_PARTITION] * PARTITIONS
     manifest = read_manifest(open_store(store_uri), "packed")
     assert sorted(manifest["image_id"]) == sorted(index["image_id"]), "an item lost or written twice"
+
+
+def test_the_runners_a_night_is_packed_for_come_from_config_then_pool_limit_then_online_workers(monkeypatch):
+    pool = SimpleNamespace(concurrency_limit=None)
+    workers = [SimpleNamespace(status=SimpleNamespace(value=v)) for v in ("ONLINE", "OFFLINE", "ONLINE", "ONLINE")]
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read_work_pool(self, name):
+            assert name == "gpu"
+            return pool
+
+        def read_workers_for_work_pool(self, name):
+            return workers
+
+    monkeypatch.setattr(dispatch, "get_client", lambda sync_client: Client())
+    cfg = RefreshConfig(store_uri="s", gpu_work_pool="gpu")
+    assert dispatch.pool_runners(cfg) == 3
+    pool.concurrency_limit = 5
+    assert dispatch.pool_runners(cfg) == 5
+    assert dispatch.pool_runners(cfg.model_copy(update={"pool_in_flight": 7})) == 7
+    pool.concurrency_limit, workers[:] = None, []
+    assert dispatch.pool_runners(cfg) == 1
