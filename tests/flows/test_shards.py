@@ -56,6 +56,16 @@ class Concurrency:
         return wrapper
 
 
+class FakeClient:
+    """Stands in for Prefect's sync client (`with get_client(sync_client=True) as client`)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def config(store_uri: str, run_id: str, model: Path, **fields) -> RefreshConfig:
     return RefreshConfig(
         store_uri=store_uri, run_id=run_id, model_uri=str(model), workers=2, shard_size=SHARD_SIZE,
@@ -200,13 +210,7 @@ def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkey
             edit.edit_partition.fn(PartitionJob.model_validate(piece["job"]), piece["shard"])
         return SimpleNamespace(id=uuid4())
 
-    class Client:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class Client(FakeClient):
         def read_flow_run(self, flow_run_id):
             return SimpleNamespace(state=Completed(), name="fake", state_name="Completed")
 
@@ -250,13 +254,7 @@ def test_on_the_pool_small_partitions_share_a_run_and_a_crashed_run_resends_only
         states[run_id] = Crashed(message="worker lost") if crash else Completed()
         return SimpleNamespace(id=run_id)
 
-    class Client:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class Client(FakeClient):
         def read_flow_run(self, flow_run_id):
             state = states[flow_run_id]
             return SimpleNamespace(state=state, name=f"run-{flow_run_id}", state_name=state.name)
@@ -279,13 +277,7 @@ def test_the_runners_a_night_is_packed_for_come_from_config_then_pool_limit_then
     pool = SimpleNamespace(concurrency_limit=None)
     workers = [SimpleNamespace(status=SimpleNamespace(value=v)) for v in ("ONLINE", "OFFLINE", "ONLINE", "ONLINE")]
 
-    class Client:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class Client(FakeClient):
         def read_work_pool(self, name):
             assert name == "gpu"
             return pool
