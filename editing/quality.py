@@ -143,11 +143,18 @@ def _as_float(image: Image.Image | np.ndarray) -> np.ndarray:
     return array[..., :3]
 
 
-def skin_outliers(source: np.ndarray, output: np.ndarray) -> float:
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of an HxWx3 sRGB array in [0, 1]; `assess` converts each image once and hands
+    the result to every figure that needs it."""
+    return rgb2lab(np.clip(np.nan_to_num(rgb), 0.0, 1.0))
+
+
+def skin_outliers(source: np.ndarray, output: np.ndarray, *, lab_source: np.ndarray | None = None,
+                  lab_output: np.ndarray | None = None) -> float:
     """The share of the source's skin-toned pixels whose output colour is no skin tone (see
     SKIN_L above); NaN when skin-toned pixels are fewer than SKIN_MIN_SHARE of the image. Both
-    HxWx3 in [0, 1], same shape."""
-    lab_src = rgb2lab(np.clip(source, 0.0, 1.0)).reshape(-1, 3)
+    HxWx3 in [0, 1], same shape; their CIELAB (`_lab`) may be passed when already computed."""
+    lab_src = (_lab(source) if lab_source is None else lab_source).reshape(-1, 3)
     chroma_src = np.hypot(lab_src[:, 1], lab_src[:, 2])
     hue_src = np.degrees(np.arctan2(lab_src[:, 2], lab_src[:, 1]))
     skin = (
@@ -157,7 +164,7 @@ def skin_outliers(source: np.ndarray, output: np.ndarray) -> float:
     )
     if skin.mean() < SKIN_MIN_SHARE:
         return math.nan
-    lab_out = rgb2lab(np.clip(output, 0.0, 1.0)).reshape(-1, 3)[skin]
+    lab_out = (_lab(output) if lab_output is None else lab_output).reshape(-1, 3)[skin]
     chroma = np.hypot(lab_out[:, 1], lab_out[:, 2])
     hue = np.degrees(np.arctan2(lab_out[:, 2], lab_out[:, 1]))
     saturated = (chroma > SKIN_MAX_CHROMA) & (chroma > 1.5 * chroma_src[skin])
@@ -174,7 +181,11 @@ def skin_figure(source: Image.Image | np.ndarray, output: Image.Image | np.ndarr
 
 def colour_statistics(image: Image.Image | np.ndarray) -> np.ndarray:
     """Mean and standard deviation of L*, a*, b*: six numbers that move with every global tone edit."""
-    lab = rgb2lab(np.clip(np.nan_to_num(_as_float(image)), 0.0, 1.0)).reshape(-1, 3)
+    return _lab_statistics(_lab(_as_float(image)))
+
+
+def _lab_statistics(lab: np.ndarray) -> np.ndarray:
+    lab = lab.reshape(-1, 3)
     return np.concatenate([lab.mean(axis=0), lab.std(axis=0)])
 
 
@@ -206,14 +217,14 @@ def ssim_structure(source: np.ndarray, output: np.ndarray) -> float:
     return float(np.mean((cov + _SSIM_C3) / (np.sqrt(var_x * var_y) + _SSIM_C3)))
 
 
-def deltae2000(output: np.ndarray, expected: np.ndarray) -> np.ndarray:
-    """CIEDE2000 per pixel between two HxWx3 sRGB images in [0, 1] (colour-science, D65 Lab)."""
+def deltae2000(output: np.ndarray, expected: np.ndarray, *, lab_output: np.ndarray | None = None) -> np.ndarray:
+    """CIEDE2000 per pixel between two HxWx3 sRGB images in [0, 1]: colour-science's formula on
+    D65 CIELAB (`_lab`; the output's may be passed when already computed), which agrees with
+    colour-science's own sRGB -> Lab conversion within 0.01."""
     import colour  # takes seconds to import; only the colour check needs it
 
-    def lab(rgb: np.ndarray) -> np.ndarray:
-        return colour.XYZ_to_Lab(colour.sRGB_to_XYZ(np.clip(rgb, 0.0, 1.0)))
-
-    return np.asarray(colour.delta_E(lab(output), lab(expected), method="CIE 2000"))
+    lab_out = _lab(output) if lab_output is None else lab_output
+    return np.asarray(colour.delta_E(lab_out, _lab(expected), method="CIE 2000"))
 
 
 def _resized(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -246,12 +257,13 @@ def assess(
     out = _resized(out, src.shape)
     deltae_mean = deltae_p95 = math.nan
     already_clipped = _clipped(src)
+    lab_src, lab_out = _lab(src), _lab(out)  # once each: 3 of the 5 conversions this used to make
     if expected is not None:
         wanted = _resized(_as_float(expected), src.shape)
-        difference = deltae2000(out, wanted)
+        difference = deltae2000(out, wanted, lab_output=lab_out)
         deltae_mean, deltae_p95 = float(difference.mean()), float(np.percentile(difference, 95))
         already_clipped |= _clipped(wanted)  # clipping the category's own edit does is no artefact
-    shift = colour_shift(src, out)
+    shift = _lab_statistics(lab_out) - _lab_statistics(lab_src)
     ref = np.asarray(reference, dtype=np.float64)
     ref_norm, shift_norm = float(np.linalg.norm(ref)), float(np.linalg.norm(shift))
     strength = shift_norm / ref_norm if ref_norm > 1e-9 else math.nan
@@ -259,7 +271,7 @@ def assess(
     clipped = float(np.mean(_clipped(out) & ~already_clipped))
     out_std = float(_luma(out).std())
     structure = ssim_structure(src, out)
-    skin = skin_outliers(src, out)
+    skin = skin_outliers(src, out, lab_source=lab_src, lab_output=lab_out)
     status, reasons = decide(structure, strength, direction, clipped, out_std, thresholds,
                              deltae_mean=deltae_mean, deltae_p95=deltae_p95, skin=skin)
     return QCResult(structure, strength, direction, clipped, out_std, nonfinite, status, reasons,
