@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from datetime import UTC
 
 from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -128,11 +129,16 @@ def edit_partitions(jobs: list[PartitionJob], config: RefreshConfig) -> list[dic
 def refresh_partition(pieces: list[PartitionPiece]) -> list[dict]:
     """Edit a pack of partitions and shards, one after another; deployed on the GPU work pool,
     started per pack by catalogue_refresh. Every piece is tried before a failure is raised, so the
-    pieces that finished are not sent again."""
+    pieces that finished are not sent again.
+
+    The pieces' task results are neither cached nor persisted here: a resumed refresh takes the
+    pack's result back in its own process (`edit_partition_on_pool`), and a pack sent again after a
+    lost worker skips finished pieces by their markers, so a stored result would never be read."""
+    edit = edit_partition.with_options(cache_policy=NO_CACHE, persist_result=False)
     results, failed = [], []
     for piece in pieces:
         try:
-            results.append(edit_partition.with_options(**resumable(piece.job.output_uri))(piece.job, piece.shard))
+            results.append(edit(piece.job, piece.shard))
         except Exception as error:  # noqa: BLE001 - reported below, after the other pieces ran
             get_run_logger().error("%s failed: %s", piece.label, error)
             failed.append(f"{piece.label}: {error}")
