@@ -74,13 +74,17 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 def start_worker(folder: Path, env: dict[str, str], pool: str, name: str, limit: int) -> subprocess.Popen:
-    """A worker with its own PREFECT_HOME, started in a folder that is not the checkout."""
+    """A worker with its own PREFECT_HOME, started in a folder that is not the checkout, the way the
+    guide starts one."""
     workdir = folder / f"cwd-{name}"
     workdir.mkdir()
     worker_env = {**env, "PREFECT_HOME": str(folder / f"home-{name}"), "RETOUCH_HOME": str(ROOT),
                   "PREFECT_WORKER_QUERY_SECONDS": "2"}
     with open(folder / f"worker-{name}.log", "wb") as log:
-        return subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, "--name", name, "--limit", str(limit)],
+        # As deployments/README.md starts them: SIGINT back to its default, whatever this process
+        # inherited (a test run started with `&` from a script ignores it, and so would the worker).
+        return subprocess.Popen(["env", "--default-signal=INT", *PREFECT, "worker", "start", "--pool", pool,
+                                 "--name", name, "--limit", str(limit)],
                                 cwd=workdir, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
