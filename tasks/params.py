@@ -270,15 +270,16 @@ class RefreshConfig(_Config):
         None, description="Prefect global concurrency limit held around every model call (create it "
         "with `prefect gcl create NAME --limit N`); empty = no server-side slot.")
     gpu_work_pool: str | None = Field(
-        None, description="Run each partition as a `refresh-partition` deployment on this work pool "
-        "(GPU workers elsewhere) instead of in this process.")
+        None, description="Edit the partitions as `refresh-partition` deployment runs on this work pool "
+        "(GPU workers elsewhere), packed into runs of at most shard_size items, instead of in this process.")
     partition_deployment: str = Field(
-        "refresh-partition/gpu", description="The deployment started per partition when gpu_work_pool is set.")
+        "refresh-partition/gpu", description="The deployment started per pack of partitions when gpu_work_pool is set.")
     pool_in_flight: int | None = Field(
         None, ge=1, le=1000,
-        description="gpu_work_pool only: partitions sent to the pool at once. Empty = the pool's concurrency "
-        "limit (`prefect work-pool set-concurrency-limit`), or every partition if the pool has none (the "
-        "workers' --limit then decides how many run, the rest wait in the pool's queue).")
+        description="gpu_work_pool only: runs sent to the pool at once, and the number of runs the night is "
+        "packed into a multiple of. Empty = the pool's concurrency limit (`prefect work-pool "
+        "set-concurrency-limit`); if the pool has none, every run is sent (the workers' --limit then decides "
+        "how many run) and the night is packed for the pool's online workers.")
     partition_silence_s: int = Field(
         120, ge=45, le=3600,
         description="gpu_work_pool only: a partition run taken by a worker that sends no heartbeat and "
