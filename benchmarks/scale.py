@@ -187,6 +187,13 @@ def gpu_workers(folder: Path, env: dict[str, str], count: int, query_s: float) -
                                                  "PREFECT_WORKER_QUERY_SECONDS": str(query_s)},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     try:
+        # A night's workers are up before it starts: waiting here keeps their own start-up (5-10 s of
+        # imports) out of the runs' queue wait.
+        names, deadline = {f"gpu-{count}-{n}" for n in range(count)}, time.monotonic() + 180
+        while not names <= online_workers("gpu"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gpu workers {sorted(names - online_workers('gpu'))} never came online")
+            time.sleep(1)
         yield
     finally:
         for proc in procs:
@@ -208,6 +215,12 @@ def config(store_uri: str, run_id: str, pool: bool, shard_size: int) -> RefreshC
         learn=LearnParams(steps=2, min_pairs=2, route="lut", lut_size=17, light_field=False),
         apply=ApplyParams(batch_size=8), qc=OPEN_QC,
         review=ReviewConfig(policy="auto_approve_passing", timeout_s=60, poll_interval_s=1))
+
+
+def online_workers(pool: str) -> set[str]:
+    with get_client(sync_client=True) as client:
+        workers = client.read_workers_for_work_pool(pool)
+    return {w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"}
 
 
 def flow_run_ids(tag: str) -> list:
