@@ -89,6 +89,18 @@ def start_worker(folder: Path, env: dict[str, str], pool: str, name: str, limit:
                                 start_new_session=True)
 
 
+def wait_online(pool: str, names: tuple[str, ...], folder: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            online = {w.name for w in client.read_workers_for_work_pool(pool)
+                      if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"}
+        if set(names) <= online:
+            return
+        assert time.monotonic() < deadline, "\n".join(tail(folder / f"worker-{n}.log") for n in names)
+        time.sleep(1)
+
+
 def process_tree(proc: subprocess.Popen) -> list[psutil.Process]:
     try:
         root = psutil.Process(proc.pid)
@@ -137,6 +149,8 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
                 for name in GPU_WORKERS:
                     # One run at a time, like a worker per GPU: a second partition must go to the other.
                     workers[name] = start_worker(folder, env, "gpu", name, limit=1)
+                # The refresh packs the night for the gpu workers online when it starts.
+                wait_online("gpu", GPU_WORKERS, folder)
                 yield Cluster(folder, env, workers, build_tiny_ip2p(folder / "tiny-ip2p"))
             finally:
                 for worker in workers.values():
