@@ -52,13 +52,21 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.dispatch import MAX_RUN_PARAMETER_BYTES
+from flows.dispatch import MAX_RUN_PARAMETER_BYTES, online_workers
 from flows.refresh import catalogue_refresh
 from storage.layout import write_catalogue_index
 from storage.run_layout import done_key
 from storage.store import open_store
 from tasks.edit import cut_shards, pack_pieces
-from tasks.params import ApplyParams, LearnParams, PartitionJob, PartitionPiece, QCConfig, RefreshConfig, ReviewConfig
+from tasks.params import (
+    ApplyParams,
+    LearnParams,
+    PartitionJob,
+    PartitionPiece,
+    QCConfig,
+    RefreshConfig,
+    ReviewConfig,
+)
 from tests.deployments.server import PREFECT, ROOT, free_port, running_server
 
 BUCKET = "scale"
@@ -215,12 +223,6 @@ def config(store_uri: str, run_id: str, pool: bool, shard_size: int) -> RefreshC
         learn=LearnParams(steps=2, min_pairs=2, route="lut", lut_size=17, light_field=False),
         apply=ApplyParams(batch_size=8), qc=OPEN_QC,
         review=ReviewConfig(policy="auto_approve_passing", timeout_s=60, poll_interval_s=1))
-
-
-def online_workers(pool: str) -> set[str]:
-    with get_client(sync_client=True) as client:
-        workers = client.read_workers_for_work_pool(pool)
-    return {w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"}
 
 
 def flow_run_ids(tag: str) -> list:

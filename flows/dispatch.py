@@ -177,10 +177,14 @@ def pool_runners(config: RefreshConfig) -> int:
         return config.pool_in_flight
     with get_client(sync_client=True) as client:
         limit = client.read_work_pool(config.gpu_work_pool).concurrency_limit
-        if limit:
-            return limit
-        workers = client.read_workers_for_work_pool(config.gpu_work_pool)
-    return max(1, sum(str(getattr(w.status, "value", w.status)).upper() == "ONLINE" for w in workers))
+    return limit or max(1, len(online_workers(config.gpu_work_pool)))
+
+
+def online_workers(pool: str) -> set[str]:
+    """The names of the pool's workers the server counts as online (heartbeats within ~90 s)."""
+    with get_client(sync_client=True) as client:
+        workers = client.read_workers_for_work_pool(pool)
+    return {w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"}
 
 
 def check_partition_deployment(deployment: str, work_pool: str) -> None:

@@ -26,7 +26,13 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dispatch import MAX_RUN_PARAMETER_BYTES, check_partition_deployment, in_flight, pool_runners, run_on_pool
+from flows.dispatch import (
+    MAX_RUN_PARAMETER_BYTES,
+    check_partition_deployment,
+    in_flight,
+    pool_runners,
+    run_on_pool,
+)
 from flows.learn import learn_instructions
 from flows.review import check_review_policy, review_and_publish
 from storage.run_layout import edited_prefix, manifest_prefix

@@ -37,6 +37,7 @@ from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.dispatch import online_workers
 from storage.layout import write_catalogue_index
 from storage.run_layout import done_key
 from storage.store import open_store
@@ -92,10 +93,7 @@ def start_worker(folder: Path, env: dict[str, str], pool: str, name: str, limit:
 def wait_online(pool: str, names: tuple[str, ...], folder: Path, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        with get_client(sync_client=True) as client:
-            online = {w.name for w in client.read_workers_for_work_pool(pool)
-                      if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"}
-        if set(names) <= online:
+        if set(names) <= online_workers(pool):
             return
         assert time.monotonic() < deadline, "\n".join(tail(folder / f"worker-{n}.log") for n in names)
         time.sleep(1)

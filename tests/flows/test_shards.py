@@ -275,7 +275,8 @@ def test_on_the_pool_small_partitions_share_a_run_and_a_crashed_run_resends_only
 
 def test_the_runners_a_night_is_packed_for_come_from_config_then_pool_limit_then_online_workers(monkeypatch):
     pool = SimpleNamespace(concurrency_limit=None)
-    workers = [SimpleNamespace(status=SimpleNamespace(value=v)) for v in ("ONLINE", "OFFLINE", "ONLINE", "ONLINE")]
+    workers = [SimpleNamespace(name=f"w{i}", status=SimpleNamespace(value=v))
+               for i, v in enumerate(("ONLINE", "OFFLINE", "ONLINE", "ONLINE"))]
 
     class Client(FakeClient):
         def read_work_pool(self, name):
