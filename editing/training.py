@@ -320,6 +320,27 @@ def train_vae(
     return vae, log
 
 
+def _caption_groups(
+    batch_size: int, captions_per_crop: int, generator: torch.Generator
+) -> tuple[list[str | None], list[str]]:
+    """t2i batches that show each crop under several captions: per group, "a photo" (the crop itself)
+    followed by `captions_per_crop - 1` distinct edits. The model then sees what each caption changes
+    on the same content, the difference that inversion-based editing samples along."""
+    if captions_per_crop < 2 or captions_per_crop > len(EDITS) + 1 or batch_size % captions_per_crop:
+        raise ValueError(
+            f"captions_per_crop={captions_per_crop} must be 2..{len(EDITS) + 1} and divide the batch "
+            f"size {batch_size}"
+        )
+    edit_ids = list(EDITS)
+    chosen: list[str | None] = []
+    texts: list[str] = []
+    for _ in range(batch_size // captions_per_crop):
+        picks = torch.randperm(len(edit_ids), generator=generator)[: captions_per_crop - 1].tolist()
+        chosen += [None] + [edit_ids[i] for i in picks]
+        texts += ["a photo"] + [EDITS[edit_ids[i]].caption for i in picks]
+    return chosen, texts
+
+
 def _edit_batch(kind: str, batch_size: int, generator: torch.Generator) -> tuple[list[str | None], list[str]]:
     """Per item: which edit (None = identity, t2i only) and the text the model is conditioned on."""
     edit_ids = list(EDITS)
@@ -354,6 +375,7 @@ def train_unet(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     prediction_type: str | None = None,
+    captions_per_crop: int = 1,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, TrainLog]:
     """Jointly train a UNet and the text encoder on latents of the frozen VAE, predicting
     `prediction_type` (default `PREDICTION_TYPES[kind]`; "sample" = x0, "v_prediction" or "epsilon").
@@ -362,7 +384,11 @@ def train_unet(
     stock pipeline feeds), with InstructPix2Pix condition dropout. t2i: the edited photo captioned
     with its style, "a photo" for the unedited one. resume_from: a saved pipeline folder whose UNet
     and text encoder continue training (the budget can then be spent in several sittings).
+    captions_per_crop > 1 (t2i only): each crop appears that many times in the batch, as itself under
+    "a photo" and under distinct edit captions, with the same noise and timestep (`_caption_groups`).
     """
+    if captions_per_crop != 1 and kind != "t2i":
+        raise ValueError("captions_per_crop applies to the t2i model only")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     sampler = CropSampler(photos, RESOLUTION, generator)
@@ -388,9 +414,15 @@ def train_unet(
             ).input_ids[0]
         return torch.stack([token_cache[text] for text in texts]).to(device)
 
+    group = captions_per_crop
+
     def step(_: int) -> float:
-        source = sampler.sample(batch_size)
-        edit_ids, texts = _edit_batch(kind, batch_size, generator)
+        if group > 1:
+            source = sampler.sample(batch_size // group).repeat_interleave(group, dim=0)
+            edit_ids, texts = _caption_groups(batch_size, group, generator)
+        else:
+            source = sampler.sample(batch_size)
+            edit_ids, texts = _edit_batch(kind, batch_size, generator)
         target = apply_edits(source, edit_ids)
         with torch.no_grad():
             target_latents = vae.encode(target.to(device, dtype) * 2 - 1).latent_dist.mode() * scaling
@@ -402,8 +434,12 @@ def train_unet(
             drop_text = drop < T2I_DROP
         texts = ["" if dropped else text for text, dropped in zip(texts, drop_text.tolist(), strict=True)]
         encoder_states = text_encoder(tokens(texts))[0]
-        noise = torch.randn(target_latents.shape, generator=generator).to(device, dtype)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        # One noise draw and timestep per crop: within a caption group only the caption's edit differs.
+        shape = (batch_size // group, *target_latents.shape[1:])
+        noise = torch.randn(shape, generator=generator).repeat_interleave(group, dim=0).to(device, dtype)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size // group,), generator=generator
+        ).repeat_interleave(group)
         noisy = scheduler.add_noise(target_latents, noise, timesteps)
         if kind == "ip2p":
             with torch.no_grad():

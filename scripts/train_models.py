@@ -1,7 +1,8 @@
 """Retrain the embedded default models from scratch: `python scripts/train_models.py vae|ip2p|t2i|all|replay`.
 
 `replay` reproduces the shipped weights exactly: it re-runs the seeds and step counts recorded in
-each folder's training.json (about 60 CPU-minutes on 2 cores).
+each folder's training.json, on 2 cores: the shared VAE 10 minutes, the ip2p UNet about 47, the t2i
+UNet about 60 (`replay --kinds t2i` replays the VAE and the t2i only).
 
 Seeded; each model stops at its CPU-minute budget (or at --steps, for a step-exact replay). The VAE
 is trained first and shared by both UNets; the CLIP tokenizer is rebuilt from the BPE file inside the
@@ -81,6 +82,11 @@ CONDITIONING = {
     "ip2p": "Condition dropout as in InstructPix2Pix: 5% text, 5% image, 5% both, so dual guidance works.",
     "t2i": 'Captions: the edit\'s caption for an edited crop, "a photo" for 25% unedited crops; 10% empty.',
 }
+GROUPED_CONDITIONING = (
+    ' In the sittings with N captions per crop, each crop appears N times in its batch, under "a photo" and'
+    " N-1 distinct edit captions, with one noise draw and timestep, so the model learns what each caption"
+    " changes on the same content."
+)
 
 
 def render_model_card(kind: str, spec: dict, figures: dict, training: dict) -> str:
@@ -149,7 +155,11 @@ def render_model_card(kind: str, spec: dict, figures: dict, training: dict) -> s
         structure = "UNet2DConditionModel with 4 input channels"
     vae = training.get("vae", {})
     stages = training["stages"]
-    sittings = "; ".join(f"seed {st['seed']}, {st['steps']} steps, {st['minutes']} min" for st in stages)
+    sittings = "; ".join(
+        f"seed {st['seed']}, {st['steps']} steps, {st['minutes']} min"
+        + (f", {st['captions_per_crop']} captions per crop" if st.get("captions_per_crop", 1) > 1 else "")
+        for st in stages
+    )
     threads = "/".join(sorted({str(st.get("threads", 1)) for st in stages}))
     prediction = PREDICTION_WORDS[stages[-1].get("prediction_type", "sample")]
     if stages[-1].get("prediction_type", "sample") == "sample":
@@ -200,15 +210,15 @@ transform. Reproduce with `retouch eval-model editing/weights/{name}`.
 - Data: random square crops (64 px to the whole photo, log-uniform side) of the training photos below,
   resized to 64 px, random horizontal flips; a quarter of every batch is procedural (smooth colour fields
   with discs). Ground truth from `editing/transforms.py`.
-- {CONDITIONING[kind]}
+- {CONDITIONING[kind]}{GROUPED_CONDITIONING if any(st.get("captions_per_crop", 1) > 1 for st in stages) else ""}
 - UNet + text encoder: {training["steps"]} steps at batch 32 in {training["minutes"]} CPU-minutes, AdamW lr 5e-4,
   {threads} torch thread(s) on a shared 2-core machine, in {len(stages)} sitting(s): {sittings}.
   VAE: {vae.get("steps", "?")} steps at batch 32 (32 px windows of 64 px crops) in
   {round(vae.get("seconds", 0) / 60, 1)} minutes, seed {vae.get("seed", "?")}.
 - Retrain: `python scripts/train_models.py vae --seed 0`, then
   `python scripts/train_models.py {kind} --seed 0 --minutes M` and, for each further sitting,
-  `python scripts/train_models.py {kind} --resume --seed S --minutes M` (`--steps N` instead of
-  `--minutes` replays an exact step count).
+  `python scripts/train_models.py {kind} --resume --seed S --minutes M [--captions-per-crop N]` (`--steps N`
+  instead of `--minutes` replays an exact step count), or `python scripts/train_models.py replay` for all of it.
   `training.json` holds the loss log.
 
 ## Photos
@@ -233,16 +243,14 @@ def write_card(kind: str, folder: Path) -> dict:
     return figures
 
 
-def replay(out: Path, workdir: Path, threads: int) -> None:
+def replay(out: Path, workdir: Path, threads: int, kinds: list[str]) -> None:
     """Retrain both shipped models from scratch with the exact recipe recorded in their training.json.
 
     The shipped weights were trained in time-limited sittings; this replays the same seeds and step
     counts (VAE first, then each sitting of each UNet), so one command reproduces them.
     """
-    recipes = {
-        kind: json.loads((out / MODEL_NAMES[kind] / "training.json").read_text()) for kind in MODEL_NAMES
-    }
-    vae = recipes["ip2p"]["vae"]
+    recipes = {kind: json.loads((out / MODEL_NAMES[kind] / "training.json").read_text()) for kind in kinds}
+    vae = next(iter(recipes.values()))["vae"]
     common = ["--out", str(out), "--workdir", str(workdir), "--threads", str(threads)]
     script = [sys.executable, str(Path(__file__).resolve())]
     subprocess.run(
@@ -263,6 +271,8 @@ def replay(out: Path, workdir: Path, threads: int) -> None:
                     str(stage["steps"]),
                     "--prediction",
                     stage.get("prediction_type", "sample"),
+                    "--captions-per-crop",
+                    str(stage.get("captions_per_crop", 1)),
                     *flags,
                     *common,
                 ],
@@ -278,7 +288,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps instead")
     parser.add_argument("--out", type=Path, default=shipped_model_dir("ip2p").parent)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "retouch-train")
-    parser.add_argument("--kinds", nargs="*", default=["ip2p", "t2i"], help="for `card`: which folders")
+    parser.add_argument(
+        "--kinds", nargs="*", default=["ip2p", "t2i"], help="for `card` and `replay`: which models"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--resume", action="store_true", help="continue training the UNet + text encoder saved in --out"
@@ -290,13 +302,19 @@ def main() -> None:
         default=None,
         help="UNet target (default: the resumed folder's, else ip2p x0 'sample', t2i 'v_prediction')",
     )
+    parser.add_argument(
+        "--captions-per-crop",
+        type=int,
+        default=1,
+        help="t2i: show each crop under 'a photo' and N-1 edit captions in one batch (1 = independent crops)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     if args.model == "replay":
-        replay(args.out, args.workdir, args.threads)
+        replay(args.out, args.workdir, args.threads, args.kinds)
         return
     if args.model == "card":
         for kind in args.kinds:
@@ -341,6 +359,7 @@ def main() -> None:
             args.steps,
             resume_from=folder if args.resume else None,
             prediction_type=prediction,
+            captions_per_crop=args.captions_per_crop,
         )
         build_pipeline(kind, unet, vae, text_encoder, tokenizer, prediction).save_pretrained(
             folder, safe_serialization=True
@@ -349,14 +368,18 @@ def main() -> None:
         (folder / "edits.json").write_text(json.dumps(edits_spec(kind), indent=2) + "\n")
         if kind == "t2i":
             # The text-edit guidance calibrated for the previous weights does not carry over.
-            print("t2i retrained: its edits.json has no text_edit defaults and no carry choices, so text "
-                  "edits take the papers' values and the lift until you run scripts/calibrate_text_guidance.py "
-                  "and benchmarks/text_edits.py --split train and write their choices into defaults.text_edit "
-                  "and each edit's carry", file=sys.stderr)
+            print(
+                "t2i retrained: its edits.json has no text_edit defaults and no carry choices, so text "
+                "edits take the papers' values and the lift until you run scripts/calibrate_text_guidance.py "
+                "and benchmarks/text_edits.py --split train and write their choices into defaults.text_edit "
+                "and each edit's carry",
+                file=sys.stderr,
+            )
         stages.append(
             {
                 "seed": args.seed,
                 "prediction_type": prediction,
+                "captions_per_crop": args.captions_per_crop,
                 "threads": args.threads,
                 "steps": log.steps,
                 "minutes": round(log.seconds / 60, 1),

@@ -12,11 +12,13 @@ from diffusers import StableDiffusionPipeline
 from editing.instruct.ops import denoising_target
 from editing.training import (
     PREDICTION_TYPES,
+    _caption_groups,
     build_pipeline,
     new_vae,
     train_unet,
     training_scheduler,
 )
+from editing.transforms import EDITS
 from tests.tiny_models import build_tokenizer
 
 
@@ -78,3 +80,30 @@ def test_two_steps_are_seeded_and_the_saved_folder_loads_with_its_prediction_typ
     assert pipe.scheduler.config.set_alpha_to_one is False
     out = pipe("a photo", height=64, width=64, num_inference_steps=2, output_type="pt").images
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+def test_caption_groups_show_each_crop_as_itself_and_under_distinct_edits() -> None:
+    edit_ids, texts = _caption_groups(12, 4, torch.Generator().manual_seed(0))
+    assert len(edit_ids) == len(texts) == 12
+    for start in range(0, 12, 4):
+        ids, captions = edit_ids[start : start + 4], texts[start : start + 4]
+        assert ids[0] is None and captions[0] == "a photo"
+        assert len(set(ids[1:])) == 3 and None not in ids[1:]
+        assert captions[1:] == [EDITS[i].caption for i in ids[1:]]
+    for bad in (1, 5, len(EDITS) + 2):
+        with pytest.raises(ValueError, match="captions_per_crop"):
+            _caption_groups(12, bad, torch.Generator())
+
+
+def test_grouped_caption_training_steps_and_is_refused_for_the_editor(
+    tmp_path: Path, photos: list[np.ndarray]
+) -> None:
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    vae = new_vae()
+    unet, _, log = train_unet(
+        "t2i", vae, tokenizer, photos, minutes=5, seed=0, max_steps=2, batch_size=8, captions_per_crop=4
+    )
+    assert log.steps == 2 and all(torch.isfinite(p).all() for p in unet.parameters())
+    with pytest.raises(ValueError, match="t2i model only"):
+        train_unet("ip2p", vae, tokenizer, photos, minutes=5, seed=0, max_steps=1, captions_per_crop=4)
