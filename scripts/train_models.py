@@ -172,6 +172,20 @@ def render_model_card(kind: str, spec: dict, figures: dict, training: dict) -> s
             f"The scheduler is DDIM with {prediction} prediction (it was trained that way;\n"
             "any diffusers scheduler built from this folder's scheduler config keeps it)."
         )
+    notes = {"calibration", "carry_calibration"}
+    settings = {k: v for k, v in spec["defaults"].items() if k != "text_edit"}
+    if "text_edit" in spec["defaults"]:
+        settings["text_edit"] = {k: v for k, v in spec["defaults"]["text_edit"].items() if k not in notes}
+    notes_words = (
+        "; how the text-edit values were calibrated is in `edits.json` (`calibration`, `carry_calibration`)"
+        if kind == "t2i" and "text_edit" in spec["defaults"]
+        else ""
+    )
+    carry_words = (
+        "`editing.lift`"
+        if kind == "ip2p"
+        else "`editing.carry`: a colour LUT or the local lift, per caption as `edits.json` says"
+    )
     return f"""# {name}
 
 A tiny {"InstructPix2Pix" if kind == "ip2p" else "text-to-image (Stable Diffusion layout)"} model trained
@@ -179,14 +193,14 @@ from scratch on 2 CPU cores by `scripts/train_models.py`. It is catalogue-retouc
 the stock diffusers `{"StableDiffusionInstructPix2PixPipeline" if kind == "ip2p" else "StableDiffusionPipeline"}`
 loads it offline, so the same code runs with real weights. It knows only the {len(spec["edits"])} global
 edits below, at **{spec["resolution"]} px** (latent 32x32); larger photos are edited at 64 px and the edit
-is lifted to full resolution (`editing.lift`).
+is carried to full resolution ({carry_words}).
 
 ## Use
 ```python
 {usage}
 ```
 or `editing.models.load_model(kind="{kind}")`. Recommended settings (also in `edits.json`):
-`{json.dumps(spec["defaults"])}`. {scheduler_note}
+`{json.dumps(settings)}`{notes_words}. {scheduler_note}
 
 ## Measured quality
 Held-out photos {", ".join(figures["photos"])}: {figures["n_images"]} views (centre square plus its four
