@@ -52,7 +52,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.dispatch import MAX_RUN_PARAMETER_BYTES, online_workers
+from flows.dispatch import MAX_RUN_PARAMETER_BYTES
 from flows.refresh import catalogue_refresh
 from storage.layout import write_catalogue_index
 from storage.run_layout import done_key
@@ -67,7 +67,7 @@ from tasks.params import (
     RefreshConfig,
     ReviewConfig,
 )
-from tests.deployments.server import PREFECT, ROOT, free_port, running_server
+from tests.deployments.server import PREFECT, ROOT, free_port, running_server, wait_workers_online
 
 BUCKET = "scale"
 CATEGORIES = ("warm", "matte")
@@ -197,11 +197,7 @@ def gpu_workers(folder: Path, env: dict[str, str], count: int, query_s: float) -
     try:
         # A night's workers are up before it starts: waiting here keeps their own start-up (5-10 s of
         # imports) out of the runs' queue wait.
-        names, deadline = {f"gpu-{count}-{n}" for n in range(count)}, time.monotonic() + 180
-        while not names <= online_workers("gpu"):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gpu workers {sorted(names - online_workers('gpu'))} never came online")
-            time.sleep(1)
+        wait_workers_online("gpu", [f"gpu-{count}-{n}" for n in range(count)])
         yield
     finally:
         for proc in procs:

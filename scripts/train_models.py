@@ -84,8 +84,8 @@ CONDITIONING = {
 }
 GROUPED_CONDITIONING = (
     ' In the sittings with N captions per crop, each crop appears N times in its batch, under "a photo" and'
-    " N-1 distinct edit captions, with one noise draw and timestep, so the model learns what each caption"
-    " changes on the same content."
+    " N-1 distinct edit captions, with one noise draw and timestep, to show what each caption changes on the"
+    " same content."
 )
 
 

@@ -46,6 +46,18 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"prefect server at {url} not healthy after {timeout_s} s")
 
 
+def wait_workers_online(pool: str, names, timeout_s: float = 180, explain=lambda: "") -> None:
+    """Block until every named worker of `pool` is online on the server (the refresh packs a night for
+    the workers online when it starts); on timeout, raise naming the missing ones plus `explain()`."""
+    from flows.dispatch import online_workers  # imports Prefect's client: only where it is needed
+
+    deadline = time.monotonic() + timeout_s
+    while missing := set(names) - online_workers(pool):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers {sorted(missing)} of pool {pool!r} never came online\n{explain()}")
+        time.sleep(1)
+
+
 @contextmanager
 def running_server(folder: Path, **extra_env: str) -> Iterator[tuple[str, dict[str, str]]]:
     """A private server (own PREFECT_HOME under `folder`, SQLite) on a free loopback port; stopped by

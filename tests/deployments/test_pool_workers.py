@@ -37,12 +37,11 @@ from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.dispatch import online_workers
 from storage.layout import write_catalogue_index
 from storage.run_layout import done_key
 from storage.store import open_store
 from tasks.params import ApplyParams, LearnParams, RefreshConfig, ReviewConfig
-from tests.deployments.server import PREFECT, ROOT, running_server
+from tests.deployments.server import PREFECT, ROOT, running_server, wait_workers_online
 from tests.flows.reliability_helpers import LENIENT_QC, assert_nothing_lost, encoded, photo, warmer
 from tests.tiny_models import build_tiny_ip2p
 
@@ -88,15 +87,6 @@ def start_worker(folder: Path, env: dict[str, str], pool: str, name: str, limit:
                                  "--name", name, "--limit", str(limit)],
                                 cwd=workdir, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-
-
-def wait_online(pool: str, names: tuple[str, ...], folder: Path, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if set(names) <= online_workers(pool):
-            return
-        assert time.monotonic() < deadline, "\n".join(tail(folder / f"worker-{n}.log") for n in names)
-        time.sleep(1)
 
 
 def process_tree(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -148,7 +138,9 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
                     # One run at a time, like a worker per GPU: a second partition must go to the other.
                     workers[name] = start_worker(folder, env, "gpu", name, limit=1)
                 # The refresh packs the night for the gpu workers online when it starts.
-                wait_online("gpu", GPU_WORKERS, folder)
+                wait_workers_online(
+                    "gpu", GPU_WORKERS, explain=lambda: "\n".join(tail(folder / f"worker-{n}.log") for n in GPU_WORKERS)
+                )
                 yield Cluster(folder, env, workers, build_tiny_ip2p(folder / "tiny-ip2p"))
             finally:
                 for worker in workers.values():
