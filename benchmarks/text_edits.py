@@ -22,8 +22,13 @@ what `retouch edit` uses by default); each is scored against the true transform 
 The model's per-caption carry choices (edits.json) are calibrated with the same script on
 training photos: `--split train --max-photos 4` (never on the held-out photos it reports on).
 
+`--scale METHOD=S` runs a method at another target guidance than the folder's default, with the
+calibration script's reading of "scale" (`guidance_kwargs`), and `--methods` runs a subset: together
+they measure a candidate default on training photos with every figure of this benchmark.
+
 Usage: python benchmarks/text_edits.py [--steps 50] [--views 1] [--full-side 256] [--model DIR]
-[--edits sepia,warm] [--split heldout|train] [--max-photos N]
+[--edits sepia,warm] [--split heldout|train] [--max-photos N] [--methods ddim_p2p,fpe]
+[--scale fpe=2 ...]
 """
 
 from __future__ import annotations
@@ -56,6 +61,38 @@ METHODS: dict[str, Callable[..., TextEditResult]] = {
     "fpe": fpe_edit,
     "regenerate": regenerate,
 }
+SCALED = ("ddim_p2p", "siminversion", "fpe")
+
+
+def guidance_kwargs(method: str, scale: float) -> dict[str, float]:
+    """One guidance knob per method, the rest at the papers' reading (all passed explicitly):
+    DDIM+P2P one scale for both rows with w_inv = 1; SimInversion w_inv = w_src = 0.5 and w_tgt = s;
+    FPE one scale for both rows, as its official code runs it."""
+    if method == "siminversion":
+        return {"w_inv": 0.5, "w_src": 0.5, "w_tgt": scale}
+    if method == "ddim_p2p":
+        return {"w_inv": 1.0, "w_src": scale, "w_tgt": scale}
+    if method == "fpe":
+        return {"w_src": scale, "w_tgt": scale}
+    raise ValueError(f"{method}: no guidance scale to set; choose from {SCALED}")
+
+
+def parse_scales(values: list[str], methods: list[str]) -> dict[str, float]:
+    """`["fpe=2", ...]` -> {"fpe": 2.0}; names the bad item."""
+    scales = {}
+    for value in values:
+        method, sep, scale = value.partition("=")
+        if not sep or method not in SCALED:
+            raise SystemExit(f"--scale {value!r}: expected METHOD=S with METHOD one of {SCALED}")
+        if method not in methods:
+            raise SystemExit(f"--scale {value!r}: {method} is not among --methods {methods}")
+        try:
+            scales[method] = float(scale)
+        except ValueError:
+            raise SystemExit(f"--scale {value!r}: {scale!r} is not a number") from None
+    return scales
+
+
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
 
@@ -96,6 +133,10 @@ def main() -> None:
     parser.add_argument("--max-photos", type=int, default=None, help="first N photos of the split")
     parser.add_argument("--edits", default=None, help="comma-separated edit ids (default: all)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    parser.add_argument(
+        "--scale", action="append", default=[], metavar="METHOD=S", help="target guidance for a method (repeatable)"
+    )
     parser.add_argument(
         "--inversion-iterations",
         type=int,
@@ -104,6 +145,11 @@ def main() -> None:
         "as in the papers); default: each method's own (SimInversion 1, the others 2)",
     )
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    scales = parse_scales(args.scale, methods)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -119,7 +165,8 @@ def main() -> None:
     print(
         f"model {loaded.model_id} ({loaded.sha256[:12]}), {len(photos)} {args.split} images at {resolution} px, "
         f"{args.steps} steps, {len(edits)} captions, inversion iterations: "
-        f"{'each method default' if args.inversion_iterations is None else args.inversion_iterations}",
+        f"{'each method default' if args.inversion_iterations is None else args.inversion_iterations}"
+        f"; guidance: {scales or 'the folder defaults'}",
         flush=True,
     )
 
@@ -128,7 +175,8 @@ def main() -> None:
         transform = resolve_transform(edit["transform"])
         truth = transform(photos).clamp(0, 1)
         truth_full = transform(full).clamp(0, 1)
-        for name, method in METHODS.items():
+        for name in methods:
+            method = METHODS[name]
             started = time.perf_counter()
             result = method(
                 loaded.pipe,
@@ -137,6 +185,7 @@ def main() -> None:
                 target_prompt=edit["caption"],
                 num_inference_steps=args.steps,
                 **({} if args.inversion_iterations is None else {"inversion_iterations": args.inversion_iterations}),
+                **(guidance_kwargs(name, scales[name]) if name in scales else {}),
             )
             seconds = (time.perf_counter() - started) / len(photos)
             row = {
@@ -165,15 +214,15 @@ def main() -> None:
 
     print("\nmean over captions")
     header = f"{'method (iter.)':<18}{'psnr_vs_truth':>14}{'ssim_luma':>11}{'ssim_struct':>12}{'psnr_src_row':>13}"
-    print(header + f"{'s/edit':>9}{'time/p2p':>10}")
-    baseline_time = np.mean([r["s_per_edit"] for r in rows if r["method"] == "ddim_p2p"])
-    for name in METHODS:
+    print(header + f"{'s/edit':>9}{f'time/{methods[0]}':>15}")
+    baseline_time = np.mean([r["s_per_edit"] for r in rows if r["method"] == methods[0]])
+    for name in methods:
         mine = [r for r in rows if r["method"] == name]
         mean = {k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("edit", "method", "model_carry")}
         label = f"{name} ({mine[0]['inversion_iterations']})"
         print(
             f"{label:<18}{mean['psnr_vs_truth']:>14.2f}{mean['ssim_luma']:>11.3f}{mean['ssim_structure']:>12.3f}"
-            f"{mean['psnr_source_row']:>13.2f}{mean['s_per_edit']:>9.2f}{mean['s_per_edit'] / baseline_time:>10.2f}"
+            f"{mean['psnr_source_row']:>13.2f}{mean['s_per_edit']:>9.2f}{mean['s_per_edit'] / baseline_time:>15.2f}"
         )
     print(f"identity (no edit) psnr_vs_truth {np.mean([r['psnr_identity_vs_truth'] for r in rows]):.2f}")
     if not args.full_side:
@@ -181,7 +230,7 @@ def main() -> None:
     print(f"\ncarried to {side} px, mean over captions (PSNR vs truth / SSIM structure vs the source)")
     modes = ("lift", "colour", "model")
     print(f"{'method':<14}" + "".join(f"{mode:>17}" for mode in modes))
-    for name in METHODS:
+    for name in methods:
         mine = [r for r in rows if r["method"] == name]
         cells = "".join(
             f"{np.mean([r[f'psnr_{m}'] for r in mine]):>10.2f} / {np.mean([r[f'structure_{m}'] for r in mine]):.3f}"
