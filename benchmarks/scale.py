@@ -12,7 +12,7 @@ against the threads baseline and the 1-worker pool run of the same invocation, a
 
 Run (alone on the machine for real figures):
     nice -n 10 .venv/bin/python -m benchmarks.scale [--items 5000] [--partitions 50] [--side 64]
-        [--shard-size 500] [--worker-query-s 2] [--paths threads,pool1,pool2]
+        [--shard-size 500] [--worker-query-s 2] [--paths threads,pool1,pool2] [--database sqlite|postgres]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import argparse
 import io
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ import time
 import urllib.error
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,34 @@ def gpu_workers(folder: Path, env: dict[str, str], count: int, query_s: float) -
             proc.wait(30)
 
 
+@contextmanager
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on loopback (the `initdb`/`pg_ctl` of the machine's PostgreSQL),
+    for the server the README recommends; yields Prefect's connection URL. PostgreSQL refuses to run
+    as root, so under root the cluster belongs to `nobody`."""
+    for tool in ("initdb", "pg_ctl", "psql"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"--database postgres needs PostgreSQL's {tool} on PATH (the postgresql package)")
+    folder = Path(tempfile.mkdtemp(prefix="retouch-scale-pg-"))
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(folder, "nobody")
+    port = free_port()
+    data = folder / "data"
+    subprocess.run([*as_user, "initdb", "-D", str(data), "-U", "prefect", "--auth=trust"], check=True,
+                   capture_output=True, cwd=folder)
+    subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
+                   check=True, capture_output=True, cwd=folder)
+    try:
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "-d", "postgres", "-c",
+                        "CREATE DATABASE prefect"], check=True, capture_output=True)
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+    finally:
+        subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-w", "-m", "fast", "stop"], check=False, capture_output=True,
+                       cwd=folder)
+
+
 # ---- one measured path ----
 
 
@@ -270,6 +299,45 @@ def dispatch_latencies(run_id: str) -> tuple[list[float], list[float]]:
     return queue, start
 
 
+def timeline(parent_run, run_id: str, compute_s: float) -> dict[str, float]:
+    """Where a pool path's wall time goes, from the server's timestamps: per pool run (median over
+    runs) the parent's dispatch (its `edit_partition_on_pool` task start -> the run created), the
+    queue (-> Pending), the start (-> Running), the run's own setup (-> its first piece starts: pull
+    step, imports of the flow's modules, first-piece setup), the tail (last piece ends -> the run
+    Completed) and the parent noticing it (-> the parent's task ends); and over all runs, the time
+    between pieces and the time inside piece task runs outside the partitions' timed windows."""
+    segments: dict[str, list[float]] = {k: [] for k in ("dispatch", "queue", "start", "setup", "tail", "notice")}
+    between = inside = 0.0
+    with get_client(sync_client=True) as client:
+        parents = sorted((t for t in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent_run])), limit=200)
+            if t.name.startswith("edit_partition_on_pool") and t.start_time), key=lambda t: t.start_time)
+        children = sorted((client.read_flow_run(i) for i in flow_run_ids(f"run:{run_id}")), key=lambda r: r.created)
+        children = [c for c in children if c.deployment_id is not None]
+        # Each parent task creates one child run (a pack sent again after a lost worker adds one more).
+        for task, child in zip(parents, children, strict=False):
+            times = {st.type.value: st.timestamp for st in client.read_flow_run_states(child.id)}
+            pieces = sorted((t for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])), limit=200)
+                if t.name.startswith("edit_partition") and t.start_time and t.end_time), key=lambda t: t.start_time)
+            if not pieces or not {"PENDING", "RUNNING", "COMPLETED"} <= set(times):
+                continue
+            segments["dispatch"].append((child.created - task.start_time).total_seconds())
+            segments["queue"].append((times["PENDING"] - child.created).total_seconds())
+            segments["start"].append((times["RUNNING"] - times["PENDING"]).total_seconds())
+            segments["setup"].append((pieces[0].start_time - times["RUNNING"]).total_seconds())
+            segments["tail"].append((times["COMPLETED"] - pieces[-1].end_time).total_seconds())
+            if task.end_time:
+                segments["notice"].append((task.end_time - times["COMPLETED"]).total_seconds())
+            durations = sum((t.end_time - t.start_time).total_seconds() for t in pieces)
+            between += (pieces[-1].end_time - pieces[0].start_time).total_seconds() - durations
+            inside += durations
+    out = {k: statistics.median(v) for k, v in segments.items() if v}
+    out["between_pieces_total"] = between
+    out["inside_pieces_outside_windows_total"] = inside - compute_s
+    return out
+
+
 def measure(label: str, cfg: RefreshConfig, index: pd.DataFrame, parallelism: int, server_log: Path) -> dict:
     log_from = server_log.stat().st_size
     # Found by its id, not by a tag: a tag on the flow would land on every task run, and Prefect makes
@@ -292,11 +360,13 @@ def measure(label: str, cfg: RefreshConfig, index: pd.DataFrame, parallelism: in
     runs = [state.state_details.flow_run_id] + (flow_run_ids(f"run:{cfg.run_id}") if cfg.gpu_work_pool else [])
     recorded = recorded_task_runs(runs)
     queue, start = dispatch_latencies(cfg.run_id) if cfg.gpu_work_pool else ([], [])
+    spent = timeline(state.state_details.flow_run_id, cfg.run_id, compute) if cfg.gpu_work_pool else {}
     result = {"path": label, "wall_s": wall, "compute_s": compute, "parallelism": parallelism,
               "overhead": (wall - compute / parallelism) / wall, "items": len(index),
               "api_calls_per_item": calls / len(index), "executed": executed, "recorded": recorded,
               "lost": sum(max(0, executed[n] - recorded[n]) for n in EDIT_TASKS),
-              "queue_wait_s": queue, "start_s": start, "total_s": summary["timings_s"]["total"]}
+              "queue_wait_s": queue, "start_s": start, "total_s": summary["timings_s"]["total"],
+              "timeline_s": {k: round(v, 2) for k, v in spent.items()}}
     print(json.dumps({k: v for k, v in result.items() if k not in ("queue_wait_s", "start_s")}), flush=True)
     return result
 
@@ -318,6 +388,13 @@ def report(results: list[dict]) -> None:
         print(f"| {r['path']} | {r['wall_s']:.1f} | {r['compute_s']:.1f} | {r['parallelism']} | "
               f"{100 * r['overhead']:.1f} % | {r['wall_s'] / base['wall_s']:.2f}x | {spread(r['queue_wait_s'])} | "
               f"{spread(r['start_s'])} | {r['api_calls_per_item']:.2f} | {recorded} / {executed} |")
+    for r in results:
+        if spent := r.get("timeline_s"):
+            per_run = ", ".join(f"{k} {spent[k]:.1f}" for k in ("dispatch", "queue", "start", "setup", "tail", "notice")
+                                if k in spent)
+            print(f"{r['path']}: per pool run (median s) {per_run}; over all runs {spent['between_pieces_total']:.1f} s "
+                  f"between pieces, {spent['inside_pieces_outside_windows_total']:.1f} s inside pieces outside "
+                  "their timed windows")
     print("\ntargets:")
     for r in results:
         target = TARGETS["threads"] if r["path"] == "threads" else TARGETS["pool"]
@@ -338,20 +415,27 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=64, help="pixels per side of each catalogue image")
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--paths", default="threads,pool1,pool2", help="any of threads, pool1, pool2")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the Prefect server's database: SQLite (Prefect's default) or a throwaway PostgreSQL "
+                        "cluster (what the README recommends for production)")
     parser.add_argument("--worker-query-s", type=float, default=2,
                         help="the gpu workers' PREFECT_WORKER_QUERY_SECONDS (Prefect's default is 10)")
     args = parser.parse_args()
     paths = args.paths.split(",")
     folder = Path(tempfile.mkdtemp(prefix="retouch-scale-"))
     print(f"{args.items} items in {args.partitions} partitions, {args.side}px, shard_size {args.shard_size}, "
-          f"workers poll every {args.worker_query_s:g} s; "
+          f"workers poll every {args.worker_query_s:g} s, Prefect server on {args.database}; "
           f"work folder {folder}", flush=True)
     with seaweedfs(folder) as store_uri:
         started = time.monotonic()
         index = build_store(store_uri, args.items, args.partitions, args.side)
         print(f"store built in {time.monotonic() - started:.0f} s", flush=True)
-        with running_server(folder, PREFECT_SERVER_LOGGING_LEVEL="INFO") as (url, env), \
-                temporary_settings({PREFECT_API_URL: url}):
+        with ExitStack() as stack:
+            database = {}
+            if args.database == "postgres":
+                database["PREFECT_API_DATABASE_CONNECTION_URL"] = stack.enter_context(postgres())
+            url, env = stack.enter_context(running_server(folder, PREFECT_SERVER_LOGGING_LEVEL="INFO", **database))
+            stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
             prepare_pools(env, folder)
             results = []
             if "threads" in paths:

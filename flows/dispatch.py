@@ -18,7 +18,7 @@ from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.states import Cancelled, Crashed
 
-from tasks.edit import finished
+from tasks.edit import finished, finished_pieces
 from tasks.params import PartitionPiece, RefreshConfig
 from tasks.review import run_tag
 
@@ -38,7 +38,8 @@ def run_on_pool(pieces: list[PartitionPiece], deployment: str, silence_s: int, c
     """A pack of pieces as one run of `deployment`, waited for, and its unfinished pieces sent again
     after a lost worker (at most MAX_DISPATCHES times in a row); returns one summary per piece, read
     from the store."""
-    done = {i: summary for i, piece in enumerate(pieces) if (summary := finished(piece.job, piece.shard))}
+    started = time.monotonic()
+    done = finished_pieces(pieces)
     gate = dispatch_gate(calls_per_s)
     for dispatch in range(1, MAX_DISPATCHES + 1):
         todo = [piece for i, piece in enumerate(pieces) if i not in done]
@@ -46,8 +47,10 @@ def run_on_pool(pieces: list[PartitionPiece], deployment: str, silence_s: int, c
             break
         name = pack_name(todo)
         parameters = {"pieces": [piece.model_dump(mode="json") for piece in todo]}
-        with gate.call():
+        with gate.creation():
             run = run_deployment(deployment, parameters=parameters, timeout=0, tags=[run_tag(todo[0].job.run_id)])
+        get_run_logger().info("%s: sent as flow run %s after %.1f s of checks and dispatch (%d finished "
+                              "pieces not sent)", name, run.name, time.monotonic() - started, len(pieces) - len(todo))
         run = wait_for_partition_run(run.id, silence_s, gate)
         if run.state.is_completed():
             fresh = {i: {**finished(piece.job, piece.shard), "skipped": False}
@@ -56,8 +59,8 @@ def run_on_pool(pieces: list[PartitionPiece], deployment: str, silence_s: int, c
         if not run.state.is_crashed():
             raise RuntimeError(f"{name}: flow run {run.name} ended {run.state_name}")
         # Pieces the lost run finished (their marker or shard file is written) are not sent again.
-        done |= {i: {**summary, "skipped": False} for i, piece in enumerate(pieces)
-                 if i not in done and (summary := finished(piece.job, piece.shard))}
+        started = time.monotonic()
+        done |= {i: {**summary, "skipped": False} for i, summary in finished_pieces(pieces).items() if i not in done}
         if len(done) < len(pieces) and dispatch < MAX_DISPATCHES:
             get_run_logger().warning("%s: flow run %s crashed (%s); sending its unfinished pieces again "
                                      "(dispatch %d of %d)", name, run.name, run.state.message,
@@ -81,12 +84,19 @@ class DispatchGate:
 
     A call takes the next free start time, one `1 / per_s` after the previous one, and sleeps until
     then while holding one of the `at_once` slots.
+
+    Flow runs are created one at a time (`creation`): each creation writes two rows (the parent's
+    task run for the child, then the run), and on a SQLite server two creations at once collide on
+    its write lock; the loser gets HTTP 503 and Prefect's client waits 2 s before it retries (seen in
+    benchmarks/scale.py: the second of two packs was created 2.4 s after its dispatch began, the first
+    after 0.3 s).
     """
 
     def __init__(self, per_s: float, at_once: int = API_AT_ONCE):
         self.per_s, self.at_once = per_s, at_once
         self._slots = threading.BoundedSemaphore(at_once)
         self._lock = threading.Lock()
+        self._creating = threading.Lock()
         self._next = 0.0
 
     @contextmanager
@@ -96,6 +106,12 @@ class DispatchGate:
                 start = max(self._next, time.monotonic())
                 self._next = start + 1 / self.per_s
             time.sleep(max(0.0, start - time.monotonic()))
+            yield
+
+    @contextmanager
+    def creation(self) -> Iterator[None]:
+        """A paced call that also holds the process's one flow-run creation turn."""
+        with self._creating, self.call():
             yield
 
 

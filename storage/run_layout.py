@@ -83,6 +83,12 @@ def shard_key(run_id: str, partition: str, shard: int) -> str:
     return join_key(edited_prefix(run_id), "_shards", segment("partition", partition), f"{shard:05d}.json")
 
 
+def finished_work_prefix(run_id: str) -> str:
+    """One listing prefix under which both the run's partition markers (`_done/`) and its shard files
+    (`_shards/`) lie: what a dispatch lists once instead of asking for every piece's key."""
+    return edited_prefix(run_id) + "/_"
+
+
 def contact_sheets_prefix(run_id: str) -> str:
     return join_key(edited_prefix(run_id), "contact-sheets")
 

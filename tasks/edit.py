@@ -51,7 +51,7 @@ from editing.seeds import item_seed
 from storage.images import ImageError, encode_png, load_image
 from storage.keys import InvalidKeyError
 from storage.manifest import keep_recorded_verdicts, manifest_row, write_manifest_partition
-from storage.run_layout import done_key, output_key, result_key, shard_key
+from storage.run_layout import done_key, finished_work_prefix, output_key, result_key, shard_key
 from storage.store import (
     AccessDeniedError,
     NotFoundError,
@@ -258,6 +258,25 @@ def finished(job: PartitionJob, shard: int | None = None) -> dict | None:
     if sorted(row["image_id"] for row in record["rows"]) != sorted(item["image_id"] for item in job.items):
         return None
     return {**record["summary"], "shard": shard, "skipped": True}
+
+
+def finished_pieces(pieces: list[PartitionPiece]) -> dict[int, dict]:
+    """`finished` for many pieces, by their index in `pieces`: each run's markers and shard files are
+    listed once (one LIST per 1,000 keys) and only the pieces found there are read, instead of one or
+    two HEAD requests per piece; a fresh night's pack of hundreds of pieces costs one request."""
+    listed: dict[tuple[str, str], set[str]] = {}
+    done = {}
+    for i, piece in enumerate(pieces):
+        job = piece.job
+        if (job.output_uri, job.run_id) not in listed:
+            out = open_store(job.output_uri)
+            listed[job.output_uri, job.run_id] = set(out.list(finished_work_prefix(job.run_id)))
+        keys = listed[job.output_uri, job.run_id]
+        maybe = done_key(job.run_id, job.partition) in keys or (
+            piece.shard is not None and shard_key(job.run_id, job.partition, piece.shard) in keys)
+        if maybe and (summary := finished(job, piece.shard)) is not None:
+            done[i] = summary
+    return done
 
 
 @task(retries=1, retry_delay_seconds=[10], **RESUMABLE)

@@ -194,13 +194,14 @@ def test_the_dispatch_gate_bounds_calls_at_once_and_per_second():
 
 def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkeypatch):
     """The pool path with the API faked: `run_deployment` edits the shard in place (a worker's job)
-    and the run reads back Completed; 9 shards in flight at once make 18 calls through a 20/s gate."""
+    and the run reads back Completed; 9 shards in flight at once make 18 calls through a 20/s gate, and
+    the runs are created one at a time (two creations at once collide on a SQLite server's write lock)."""
     store_uri, model, index = shop
     cfg = config(store_uri, "pooled", model, gpu_work_pool="gpu", dispatch_calls_per_s=20)
     instructions = learn_instructions(cfg)
     jobs = [refresh.partition_job(cfg, "pooled", p, [dict(r) for r in rows.to_dict("records")], instructions)
             for p, rows in index.groupby("partition")]
-    calls = Concurrency()
+    calls, creations = Concurrency(), Concurrency()
     shards_run = []
 
     def run_deployment(deployment, parameters, timeout, tags):
@@ -208,13 +209,13 @@ def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkey
         for piece in parameters["pieces"]:
             shards_run.append((piece["job"]["partition"], piece["shard"]))
             edit.edit_partition.fn(PartitionJob.model_validate(piece["job"]), piece["shard"])
-        return SimpleNamespace(id=uuid4())
+        return SimpleNamespace(id=uuid4(), name="fake")
 
     class Client(FakeClient):
         def read_flow_run(self, flow_run_id):
             return SimpleNamespace(state=Completed(), name="fake", state_name="Completed")
 
-    monkeypatch.setattr(dispatch, "run_deployment", calls.wrap(run_deployment))
+    monkeypatch.setattr(dispatch, "run_deployment", calls.wrap(creations.wrap(run_deployment)))
     monkeypatch.setattr(dispatch, "get_client", lambda sync_client: Client())
     monkeypatch.setattr(Client, "read_flow_run", calls.wrap(Client.read_flow_run))
     monkeypatch.setattr(refresh, "check_partition_deployment", lambda deployment, pool: None)
@@ -229,6 +230,7 @@ def test_every_dispatch_call_on_the_pool_path_goes_through_the_gate(shop, monkey
     assert starts[-1] - starts[0] > 17 / 20 - 0.05
     assert time.monotonic() - started > 17 / 20
     assert calls.most <= dispatch.API_AT_ONCE
+    assert creations.most == 1
     manifest = read_manifest(open_store(store_uri), "pooled")
     assert sorted(manifest["image_id"]) == sorted(index["image_id"])
 
@@ -252,7 +254,7 @@ def test_on_the_pool_small_partitions_share_a_run_and_a_crashed_run_resends_only
             edit.edit_partition.fn(piece.job, piece.shard)
         run_id = uuid4()
         states[run_id] = Crashed(message="worker lost") if crash else Completed()
-        return SimpleNamespace(id=run_id)
+        return SimpleNamespace(id=run_id, name=f"run-{run_id}")
 
     class Client(FakeClient):
         def read_flow_run(self, flow_run_id):

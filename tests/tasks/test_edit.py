@@ -136,3 +136,41 @@ def test_resumable_results_are_json_and_a_resumed_flow_run_takes_them_back(prefe
     assert json.loads(stored["result"]) == {**marker, "skipped": True}
     for options in (edit.edit_partition, edit.edit_partition.with_options(**edit.RESUMABLE)):
         assert options.result_serializer == "json" and options.persist_result
+
+
+def test_finished_pieces_lists_the_run_once_and_reads_only_what_it_found(tmp_path, monkeypatch) -> None:
+    """A dispatch's check of its pack: markers and shard files come from one listing; a shard file
+    whose items differ from the piece (shard_size changed) is not finished; nothing else is asked."""
+    from storage.run_layout import shard_key
+    from tasks.params import PartitionPiece
+
+    out = LocalStore(tmp_path / "out")
+
+    def piece(partition: str, ids: list[str], shard: int | None = None) -> PartitionPiece:
+        items = [{"image_id": i, "category": "warm"} for i in ids]
+        job = PartitionJob(store_uri="-", output_uri=str(tmp_path / "out"), run_id="night", partition=partition,
+                           items=items, instructions={})
+        return PartitionPiece(job=job, shard=shard)
+
+    pieces = [piece("p1", ["a"]), piece("p2", ["b", "c"], shard=0), piece("p2", ["d"], shard=1),
+              piece("p3", ["e"]), piece("p4", ["f"], shard=0)]
+    out.put_bytes(done_key("night", "p1"), json.dumps({"partition": "p1", "items": 1}).encode())
+    record = {"summary": {"partition": "p2", "items": 2}, "rows": [{"image_id": "b"}, {"image_id": "c"}]}
+    out.put_bytes(shard_key("night", "p2", 0), json.dumps(record).encode())
+    stale = {"summary": {"partition": "p4", "items": 1}, "rows": [{"image_id": "other"}]}
+    out.put_bytes(shard_key("night", "p4", 0), json.dumps(stale).encode())
+    out.put_bytes(done_key("other-night", "p3"), b"{}")  # another run's marker counts for nothing
+
+    listings, asked = [], []
+    real_list, real_exists = LocalStore.list, LocalStore.exists
+    monkeypatch.setattr(LocalStore, "list", lambda self, prefix="": listings.append(prefix) or real_list(self, prefix))
+    monkeypatch.setattr(LocalStore, "exists", lambda self, key: asked.append(key) or real_exists(self, key))
+
+    done = edit.finished_pieces(pieces)
+
+    assert sorted(done) == [0, 1]
+    assert done[0] == {"partition": "p1", "items": 1, "skipped": True}
+    assert done[1] == {"partition": "p2", "items": 2, "shard": 0, "skipped": True}
+    assert len(listings) == 1
+    # Only the three pieces with something listed were looked at again (p2/1 and p3 were not).
+    assert not any("p3" in key or "00001" in key for key in asked)
