@@ -236,6 +236,7 @@ def postgres() -> Iterator[str]:
     finally:
         subprocess.run([*as_user, "pg_ctl", "-D", str(data), "-w", "-m", "fast", "stop"], check=False, capture_output=True,
                        cwd=folder)
+        shutil.rmtree(data, ignore_errors=True)  # postgres.log stays, beside the work folder
 
 
 # ---- one measured path ----
@@ -301,12 +302,13 @@ def dispatch_latencies(run_id: str) -> tuple[list[float], list[float]]:
 
 def timeline(parent_run, run_id: str, compute_s: float) -> dict[str, float]:
     """Where a pool path's wall time goes, from the server's timestamps: per pool run (median over
-    runs) the parent's dispatch (its `edit_partition_on_pool` task start -> the run created), the
-    queue (-> Pending), the start (-> Running), the run's own setup (-> its first piece starts: pull
-    step, imports of the flow's modules, first-piece setup), the tail (last piece ends -> the run
-    Completed) and the parent noticing it (-> the parent's task ends); and over all runs, the time
-    between pieces and the time inside piece task runs outside the partitions' timed windows."""
-    segments: dict[str, list[float]] = {k: [] for k in ("dispatch", "queue", "start", "setup", "tail", "notice")}
+    runs) the refresh creating it (its `edit_partition_on_pool` task start -> the run created), the
+    queue (-> Pending), the start (-> Running: the process, Prefect, the pull step and the flow's
+    imports, since Prefect 3 loads the flow before it reports Running), the run's own setup (-> its
+    first piece starts), the tail (last piece ends -> the run Completed) and the refresh noticing it
+    (-> its task ends); and over all runs, the time between pieces and the time inside piece task
+    runs outside the partitions' timed windows. Parent tasks and runs are paired in creation order."""
+    segments: dict[str, list[float]] = {k: [] for k in ("create", "queue", "start", "setup", "tail", "notice")}
     between = inside = 0.0
     with get_client(sync_client=True) as client:
         parents = sorted((t for t in client.read_task_runs(
@@ -322,7 +324,7 @@ def timeline(parent_run, run_id: str, compute_s: float) -> dict[str, float]:
                 if t.name.startswith("edit_partition") and t.start_time and t.end_time), key=lambda t: t.start_time)
             if not pieces or not {"PENDING", "RUNNING", "COMPLETED"} <= set(times):
                 continue
-            segments["dispatch"].append((child.created - task.start_time).total_seconds())
+            segments["create"].append((child.created - task.start_time).total_seconds())
             segments["queue"].append((times["PENDING"] - child.created).total_seconds())
             segments["start"].append((times["RUNNING"] - times["PENDING"]).total_seconds())
             segments["setup"].append((pieces[0].start_time - times["RUNNING"]).total_seconds())
@@ -390,7 +392,7 @@ def report(results: list[dict]) -> None:
               f"{spread(r['start_s'])} | {r['api_calls_per_item']:.2f} | {recorded} / {executed} |")
     for r in results:
         if spent := r.get("timeline_s"):
-            per_run = ", ".join(f"{k} {spent[k]:.1f}" for k in ("dispatch", "queue", "start", "setup", "tail", "notice")
+            per_run = ", ".join(f"{k} {spent[k]:.1f}" for k in ("create", "queue", "start", "setup", "tail", "notice")
                                 if k in spent)
             print(f"{r['path']}: per pool run (median s) {per_run}; over all runs {spent['between_pieces_total']:.1f} s "
                   f"between pieces, {spent['inside_pieces_outside_windows_total']:.1f} s inside pieces outside "
