@@ -64,12 +64,12 @@ METHODS: dict[str, Callable[..., TextEditResult]] = {
 SCALED = ("ddim_p2p", "siminversion", "fpe")
 
 
-def guidance_kwargs(method: str, scale: float) -> dict[str, float]:
+def guidance_kwargs(method: str, scale: float, shared: float = 0.5) -> dict[str, float]:
     """One guidance knob per method, the rest at the papers' reading (all passed explicitly):
-    DDIM+P2P one scale for both rows with w_inv = 1; SimInversion w_inv = w_src = 0.5 and w_tgt = s;
-    FPE one scale for both rows, as its official code runs it."""
+    DDIM+P2P one scale for both rows with w_inv = 1; SimInversion w_inv = w_src = `shared` (the
+    paper's 0.5) and w_tgt = s; FPE one scale for both rows, as its official code runs it."""
     if method == "siminversion":
-        return {"w_inv": 0.5, "w_src": 0.5, "w_tgt": scale}
+        return {"w_inv": shared, "w_src": shared, "w_tgt": scale}
     if method == "ddim_p2p":
         return {"w_inv": 1.0, "w_src": scale, "w_tgt": scale}
     if method == "fpe":

@@ -22,6 +22,12 @@ methods take two. With two rows per inversion pass, that costs the same as DDIM+
 (measured 1.00x, against 1.22x with two iterations; 12 captions, 20 steps, shipped t2i). The second
 iteration would add 0.16 dB against the ground truth (17.93 vs 17.77); the source row retraces the
 photo about as well with one (31.7 vs 31.8 dB; DDIM+P2P 27.4).
+
+Where it does not help: the source row's drift it removes grows with the source's guidance. The
+shipped t2i edits best at 3, not 7.5, and there the shared scale moves PSNR the wrong way (0.5 ->
+3: +0.06 dB, towards DDIM+P2P's source at 3), and at DDIM+P2P's compute (shared 1, two iterations)
+SimInversion ties it (-0.004 dB); a third iteration gains the same +0.03 dB for both methods
+(benchmarks/README.md, "SimInversion's shared scale").
 """
 
 from __future__ import annotations
