@@ -161,8 +161,8 @@ def main() -> None:
                         "method": label,
                         "w_tgt": scale,
                         **iterations,
-                        "psnr_vs_truth": round(scores[method][scale], 2),
-                        "structure_vs_source": round(structures[method][scale], 4),
+                        "psnr_vs_truth": round(scores[label][scale], 2),
+                        "structure_vs_source": round(structures[label][scale], 4),
                         "per_caption": dict(zip(wanted, (round(v, 2) for v in per_caption), strict=True)),
                         "elapsed_s": round(time.perf_counter() - started),
                     }
