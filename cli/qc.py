@@ -31,7 +31,7 @@ def qc_command(
 
     Example: retouch qc out/warm.safetensors photos/ edited/"""
     from editing.instruct import InstructionIntegrityError, load_instruction
-    from editing.instruct.route import expected_output, qc_thresholds
+    from editing.instruct.apply import expected_output, qc_thresholds
     from editing.quality import QCThresholds, assess
     from storage.images import ImageError, load_image
     from storage.store import StoreError, open_store

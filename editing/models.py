@@ -16,11 +16,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import DiffusionPipeline
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -33,23 +32,29 @@ PIPELINES: dict[str, str] = {
 }
 UNET_IN_CHANNELS = {"ip2p": 8, "t2i": 4}
 # Compute dtypes by the names configs and the CLI use.
+# torch is imported where a dtype is parsed, not here: a process that only applies LUTs (a partition
+# run on the LUT route) imports this module for its types and starts without torch.
 DTypeName = Literal["float32", "bfloat16", "float16"]
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: tuple[str, ...] = get_args(DTypeName)
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """A torch dtype from its config name ("float32", "bfloat16", "float16"); dtypes pass through."""
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The config name of a torch dtype (inverse of `parse_dtype`)."""
-    for name, value in DTYPES.items():
-        if value == dtype:
+    import torch
+
+    for name in DTYPES:
+        if getattr(torch, name) == dtype:
             return name
     raise ValueError(f"unsupported model dtype {dtype}; use one of {sorted(DTYPES)}")
 
@@ -139,7 +144,7 @@ def load_model(
     path: str | Path | None = None,
     kind: str = "ip2p",
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "float32",
 ) -> LoadedModel:
     """Load a local diffusers folder with the stock pipeline of its kind, never touching the network.
 

@@ -42,7 +42,9 @@ editing/transforms.py and compositions of them; "mean / worst" over the grades):
   but lost 13 dB on contrast, whose clipping kinks it cannot bend around: first differences it is.
 
 Application: Pillow's native `ImageFilter.Color3DLUT` (fixed-point trilinear in C, releases the GIL)
-for 8-bit images, torch `grid_sample` for float tensors; the two agree within 1/255 (tested).
+for 8-bit images, torch `grid_sample` for float tensors; the two agree within 1/255 (tested). The
+table is a numpy array and torch is imported only for tensors, so a process that only applies LUTs
+to photos (a partition run on the LUT route) starts without torch.
 On a 3840x2160 photo (2-core machine, quiet) Pillow takes 0.26-0.35 s in one pass and 0.16-0.23 s
 (mean 0.186 s over the 13 sample photos) as 8 strips on two threads; `grid_sample` 0.97-1.09 s
 on two threads; benchmarks/photometric.py re-measures.
@@ -50,21 +52,20 @@ on two threads; benchmarks/photometric.py re-measures.
 
 from __future__ import annotations
 
-import os
 import tempfile
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from scipy.sparse.linalg import spsolve
-from torch import Tensor
+
+from editing.arrays import float32_array, is_tensor, row_strips, strip_pool
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+    from torch import Tensor
 
 LUT_SIZE = 33
 SMOOTHNESS = 1e-4
@@ -75,20 +76,23 @@ MAX_PIXELS = 250_000
 _DIRECT_SIZE = 9
 _CG_RTOL = 1e-6
 
-PairImage = Image.Image | Tensor
+PairImage = "Image.Image | Tensor"
 
 
 @dataclass(frozen=True, eq=False)
 class Lut:
     """A 3D colour lookup table: ``table[r, g, b]`` is the output RGB of the input colour at lattice
     node (r, g, b), red on the first axis as in colour-science's LUT3D; ``domain`` is the input range
-    per channel, rows (min, max), which the lattice spans evenly."""
+    per channel, rows (min, max), which the lattice spans evenly. Both are float32 numpy arrays
+    (tensors and lists given to the constructor are converted)."""
 
-    table: Tensor
-    domain: Tensor
+    table: np.ndarray
+    domain: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.table.dim() != 4 or self.table.shape[-1] != 3 or len(set(self.table.shape[:3])) != 1:
+        object.__setattr__(self, "table", float32_array(self.table))
+        object.__setattr__(self, "domain", float32_array(self.domain))
+        if self.table.ndim != 4 or self.table.shape[-1] != 3 or len(set(self.table.shape[:3])) != 1:
             raise ValueError(f"a LUT table is (size, size, size, 3), got {tuple(self.table.shape)}")
         if self.table.shape[0] < 2:
             raise ValueError("a LUT needs at least 2 nodes per axis")
@@ -101,16 +105,16 @@ class Lut:
 
     @property
     def unit_domain(self) -> bool:
-        return bool((self.domain == torch.tensor([[0.0] * 3, [1.0] * 3])).all())
+        return bool(np.array_equal(self.domain, _unit_domain()))
 
 
 def identity_lut(size: int = LUT_SIZE) -> Lut:
     """The LUT that leaves every colour as it is."""
-    return Lut(torch.from_numpy(_identity_nodes(size)).float().reshape(size, size, size, 3), _unit_domain())
+    return Lut(_identity_nodes(size).reshape(size, size, size, 3), _unit_domain())
 
 
-def _unit_domain() -> Tensor:
-    return torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+def _unit_domain() -> np.ndarray:
+    return np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=np.float32)
 
 
 def _identity_nodes(size: int) -> np.ndarray:
@@ -127,7 +131,7 @@ def _pixels(image: PairImage) -> np.ndarray:
     """(H*W, 3) float64 sRGB code values in [0, 1] from a PIL image or a (3,H,W)/(1,3,H,W) tensor."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255.0
-    if isinstance(image, Tensor):
+    if is_tensor(image):
         if image.dim() == 4 and image.shape[0] == 1:
             image = image[0]
         if image.dim() != 3 or image.shape[0] != 3:
@@ -159,6 +163,8 @@ def _samples(pairs: Sequence[tuple[PairImage, PairImage]], max_pixels: int, seed
 
 def _interpolation_matrix(x: np.ndarray, size: int) -> sp.csr_array:
     """(n, size^3): row i holds the 8 trilinear weights of pixel i on its lattice cell."""
+    import scipy.sparse as sp  # here, not at the top: applying a LUT to a photo does not need it
+
     position = x * (size - 1)
     low = np.clip(np.floor(position), 0, size - 2).astype(np.int64)
     frac = position - low
@@ -181,6 +187,8 @@ def _interpolation_matrix(x: np.ndarray, size: int) -> sp.csr_array:
 
 def _smoothness_matrix(size: int) -> sp.csr_matrix:
     """DᵀD over the lattice edges, scaled so that tᵀ(DᵀD)t is the mean squared gradient per edge."""
+    import scipy.sparse as sp
+
     step = sp.diags_array([-1.0, 1.0], offsets=[0, 1], shape=(size - 1, size))
     eye = sp.identity(size)
     axes = [sp.kron(sp.kron(step, eye), eye), sp.kron(sp.kron(eye, step), eye), sp.kron(sp.kron(eye, eye), step)]
@@ -201,6 +209,9 @@ def _affine_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _solve_level(x, y, size, smoothness, base_pull, base, start):
     """Minimise mean ‖A t - y‖² + smoothness · mean‖D(t - b)/h‖² + base_pull · mean‖t - b‖², with
     b the base map read at the lattice nodes."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import spsolve
+
     a = _interpolation_matrix(x, size)
     prior = smoothness * _smoothness_matrix(size) + (base_pull / size**3) * sp.identity(size**3)
     nodes = _identity_nodes(size)
@@ -271,16 +282,13 @@ def fit_lut(
         start = None if nodes is None else _lookup(nodes.reshape(-1), _identity_nodes(level))
         nodes = _solve_level(x, y, level, smoothness, base_pull, base_map, start).reshape(level, level, level, 3)
     # 3. outputs are code values: keep the table in [0, 1] so every reader clips alike
-    table = torch.from_numpy(np.clip(nodes, 0.0, 1.0)).float()
-    return Lut(table, _unit_domain())
+    return Lut(np.clip(nodes, 0.0, 1.0), _unit_domain())
 
 
 def _lookup(table: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Trilinear read of a flat (size^3*3,) float64 table at (n, 3) unit-domain colours."""
     size = round((table.size // 3) ** (1 / 3))
-    volume = torch.from_numpy(table.reshape(size, size, size, 3)).permute(3, 2, 1, 0)[None]
-    grid = torch.from_numpy(x * 2 - 1)[None, None, None]
-    return F.grid_sample(volume, grid, mode="bilinear", align_corners=True)[0, :, 0, 0].T.numpy()
+    return _interpolation_matrix(x, size) @ table.reshape(size**3, 3)
 
 
 # -------------------------------------------------------------------------------------------- apply
@@ -294,36 +302,26 @@ def apply_lut(lut: Lut, image: Image.Image | Tensor, *, threads: int = 2) -> Ima
     clipped to [0, 1])."""
     if isinstance(image, Image.Image):
         if not lut.unit_domain:
-            out = apply_lut(lut, torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1) / 255)
-            return Image.fromarray(out.mul(255).round().byte().permute(1, 2, 0).numpy())
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+            out = _lookup_domain(lut, pixels.reshape(-1, 3)).reshape(pixels.shape)
+            return Image.fromarray((out * 255).round().astype(np.uint8))
         return _apply_pillow(lut, image.convert("RGB"), threads)
-    if isinstance(image, Tensor):
+    if is_tensor(image):
         return _apply_torch(lut, image)
     raise TypeError(f"apply_lut takes a PIL image or a tensor, got {type(image).__name__}")
 
 
+def _lookup_domain(lut: Lut, colours: np.ndarray) -> np.ndarray:
+    """Trilinear read of a LUT with any domain at (n, 3) colours in that domain, clipped to [0, 1]."""
+    low, high = lut.domain.astype(np.float64)
+    unit = np.clip((colours - low) / (high - low), 0.0, 1.0)
+    return np.clip(_lookup(lut.table.astype(np.float64).reshape(-1), unit), 0.0, 1.0)
+
+
 def _pillow_filter(lut: Lut) -> ImageFilter.Color3DLUT:
     # Pillow's table runs red fastest, then green, then blue: table[r, g, b] seen as [b][g][r].
-    flat = lut.table.permute(2, 1, 0, 3).reshape(-1).tolist()
+    flat = lut.table.transpose(2, 1, 0, 3).reshape(-1).tolist()
     return ImageFilter.Color3DLUT(lut.size, flat)
-
-
-_STRIP_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-_STRIP_POOLS_LOCK = threading.Lock()
-
-
-def _strip_pool(threads: int) -> ThreadPoolExecutor:
-    """One long-lived pool per process and strip count: starting threads on every call cost ~11 s of
-    thread time over a 5,000-image night (benchmarks/scale.py profile). Keyed by the process id too,
-    because a forked child inherits the dict but not the threads."""
-    key = (os.getpid(), threads)
-    with _STRIP_POOLS_LOCK:
-        if key not in _STRIP_POOLS:
-            _STRIP_POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="lut-strips")
-        return _STRIP_POOLS[key]
-
-
-_STRIPS_PER_THREAD = 4
 
 
 def _apply_pillow(lut: Lut, image: Image.Image, threads: int) -> Image.Image:
@@ -332,10 +330,8 @@ def _apply_pillow(lut: Lut, image: Image.Image, threads: int) -> Image.Image:
         return image.filter(lut_filter)
     # Several strips per thread, so a thread slowed by another process does not hold up the photo
     # (2 strips on 2 threads: 0.20-0.24 s per 4K photo; 8 strips: 0.14-0.19 s in the same runs).
-    strips = min(_STRIPS_PER_THREAD * threads, image.height)
-    bounds = [(0, i * image.height // strips, image.width, (i + 1) * image.height // strips)
-              for i in range(strips)]
-    parts = list(_strip_pool(threads).map(lambda box: image.crop(box).filter(lut_filter), bounds))
+    bounds = [(0, top, image.width, bottom) for top, bottom in row_strips(image.height, threads)]
+    parts = list(strip_pool(threads).map(lambda box: image.crop(box).filter(lut_filter), bounds))
     out = Image.new("RGB", image.size)
     for box, part in zip(bounds, parts):
         out.paste(part, box[:2])
@@ -343,15 +339,18 @@ def _apply_pillow(lut: Lut, image: Image.Image, threads: int) -> Image.Image:
 
 
 def _apply_torch(lut: Lut, image: Tensor) -> Tensor:
+    import torch
+    import torch.nn.functional as F
+
     batched = image.dim() == 4
     if not batched:
         image = image[None]
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"a tensor image is (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
     dtype = image.dtype if image.is_floating_point() else torch.float32
-    low, high = (lut.domain.to(image.device, dtype).view(2, 1, 1, 1, 3)).unbind(0)
+    low, high = torch.tensor(lut.domain).to(image.device, dtype).view(2, 1, 1, 1, 3).unbind(0)
     # grid_sample's grid (x, y, z) indexes the volume's (W, H, D): red goes on W.
-    volume = lut.table.to(image.device, dtype).permute(3, 2, 1, 0)[None].expand(image.shape[0], -1, -1, -1, -1)
+    volume = torch.tensor(lut.table).to(image.device, dtype).permute(3, 2, 1, 0)[None].expand(image.shape[0], -1, -1, -1, -1)
     grid = ((image.to(dtype).permute(0, 2, 3, 1)[:, None] - low) / (high - low)).clamp(0, 1) * 2 - 1
     out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, :, 0]
     out = out.clamp(0, 1)
@@ -363,13 +362,15 @@ def _apply_torch(lut: Lut, image: Tensor) -> Tensor:
 
 def lut_tensors(lut: Lut, prefix: str = "lut.") -> dict[str, Tensor]:
     """The LUT as named float32 tensors, ready to go into a safetensors file next to other tensors."""
-    return {f"{prefix}table": lut.table.float().contiguous(), f"{prefix}domain": lut.domain.float().contiguous()}
+    import torch
+
+    return {f"{prefix}table": torch.from_numpy(lut.table.copy()), f"{prefix}domain": torch.from_numpy(lut.domain.copy())}
 
 
-def lut_from_tensors(tensors: dict[str, Tensor], prefix: str = "lut.") -> Lut:
-    """The inverse of `lut_tensors`."""
+def lut_from_tensors(tensors: dict[str, Tensor | np.ndarray], prefix: str = "lut.") -> Lut:
+    """The inverse of `lut_tensors`; numpy arrays (safetensors.numpy) are taken too."""
     try:
-        return Lut(tensors[f"{prefix}table"].float(), tensors[f"{prefix}domain"].float())
+        return Lut(tensors[f"{prefix}table"], tensors[f"{prefix}domain"])
     except KeyError as missing:
         raise ValueError(f"no LUT under prefix {prefix!r}: {missing} missing") from None
 
@@ -378,7 +379,7 @@ def write_cube(lut: Lut, path: str | Path, title: str = "catalogue-retouch") -> 
     """Write the LUT as an Adobe/Resolve .cube file through colour-science."""
     import colour
 
-    colour_lut = colour.LUT3D(table=lut.table.double().numpy(), name=title, domain=lut.domain.double().numpy())
+    colour_lut = colour.LUT3D(table=lut.table.astype(np.float64), name=title, domain=lut.domain.astype(np.float64))
     colour.io.write_LUT(colour_lut, str(path), method="Iridas Cube")
     return Path(path)
 
@@ -391,8 +392,7 @@ def read_cube(path: str | Path) -> Lut:
     table = getattr(colour_lut, "table", None)
     if table is None or np.ndim(table) != 4:
         raise ValueError(f"{path} holds a {type(colour_lut).__name__}, not a 3D LUT")
-    return Lut(torch.from_numpy(np.asarray(table, dtype=np.float32)),
-               torch.from_numpy(np.asarray(colour_lut.domain, dtype=np.float32)))
+    return Lut(table, colour_lut.domain)
 
 
 def cube_bytes(lut: Lut, title: str = "catalogue-retouch") -> bytes:

@@ -44,7 +44,7 @@ from prefect.serializers import Serializer
 from prefect.settings import get_current_settings
 
 from editing.instruct import LearnedInstruction, apply_instruction, load_instruction
-from editing.instruct.route import expected_output, qc_thresholds
+from editing.instruct.apply import expected_output, qc_thresholds
 from editing.models import LoadedModel
 from editing.quality import assess
 from editing.seeds import item_seed

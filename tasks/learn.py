@@ -12,7 +12,7 @@ import json
 
 from prefect import get_run_logger, task
 
-from editing.instruct import InstructionPair, learn_routed, save_instruction
+from editing.instruct import save_instruction
 from editing.photometric import cube_bytes
 from storage.layout import ExemplarPair, load_pair
 from storage.run_layout import instruction_cube_key, instruction_keys
@@ -43,6 +43,10 @@ def learn_or_reuse(
     out = open_store(output_uri)
     learned = not out.exists(metadata_key)
     if learned:
+        # Imported here: the learning code needs torch, which a partition run on the LUT route, importing
+        # this module through the refresh flow, never loads.
+        from editing.instruct import InstructionPair, learn_routed
+
         store = open_store(store_uri)
         pairs = [InstructionPair(p["pair_id"], *load_pair(store, ExemplarPair(category, p["pair_id"], p["before_key"],
                                                                               p["after_key"])), p["sha256"])

@@ -10,8 +10,7 @@ from typing import Literal
 from prefect.input import RunInput
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from editing.instruct import ApplyConfig, LearnConfig, RouteConfig
-from editing.instruct.route import RouteName
+from editing.instruct.config import ApplyConfig, LearnConfig, RouteConfig, RouteName
 from editing.models import DTypeName
 from editing.quality import (
     FAIL_DELTAE_MEAN,

@@ -9,21 +9,31 @@ guidance and returns outputs at the input's resolution. `save_instruction` / `lo
 (artifact.py) store it as safetensors + JSON metadata, bound to the model's content hash.
 """
 
-from editing.instruct.apply import ApplyConfig, apply_instruction, choose_guidance, edit_native
-from editing.instruct.artifact import (
-    ARTIFACT_FORMAT,
-    ARTIFACT_VERSION,
-    ROUTES,
-    InstructionIntegrityError,
-    InstructionModelMismatch,
-    LearnedInstruction,
-    load_instruction,
-    pair_sha256,
-    phrase_instruction,
-    save_instruction,
-)
-from editing.instruct.learn import InstructionPair, LearnConfig, learn_instruction
-from editing.instruct.route import RouteConfig, choose_route, learn_routed, lut_instruction
+import importlib
+
+# Each name is imported from its module on first use (PEP 562), so `from editing.instruct import
+# load_instruction` does not pull in torch, diffusers and the learning code: a partition run on the
+# LUT route loads and applies its instruction without them.
+_EXPORTS = {
+    "editing.instruct.apply": ("apply_instruction", "choose_guidance", "edit_native"),
+    "editing.instruct.artifact": (
+        "ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ROUTES", "InstructionIntegrityError", "InstructionModelMismatch",
+        "LearnedInstruction", "load_instruction", "pair_sha256", "phrase_instruction", "save_instruction",
+    ),
+    "editing.instruct.config": ("ApplyConfig", "LearnConfig", "RouteConfig"),
+    "editing.instruct.learn": ("InstructionPair", "learn_instruction"),
+    "editing.instruct.route": ("choose_route", "learn_routed", "lut_instruction"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'editing.instruct' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ARTIFACT_FORMAT",

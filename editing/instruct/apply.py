@@ -1,50 +1,33 @@
-"""Applying an instruction: batched IP2P dual guidance at the model's native size, lifted back to
-each input's resolution, and the choice of an instruction's default text guidance."""
+"""Applying an instruction: its photometric stage at each photo's own resolution, then batched IP2P
+dual guidance at the model's native size lifted back to each input's resolution; the choice of an
+instruction's default text guidance; and what the colour QC expects of an instruction's output.
+
+The photometric stage needs numpy and Pillow only. torch, diffusers' attention processors and the lift
+are imported by the functions that run the learned stage, so a partition run whose instructions are
+all LUTs starts without them (about 2 s less per process; benchmarks/README.md, Scale).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
-from tqdm.auto import tqdm
 
 from editing.instruct.artifact import LearnedInstruction, check_model_binding
-from editing.instruct.kv import InjectionState, InstructionKV, instruction_processors
-from editing.instruct.ops import channels_last, pil_to_tensor, tensor_to_pil, to_native
-from editing.lift import lift_edit
+from editing.instruct.config import ApplyConfig
 from editing.light_field import apply_light_field
-from editing.metrics import psnr
-from editing.models import DTypeName, native_resolution
+from editing.models import native_resolution
 from editing.photometric import apply_lut
+from editing.quality import QCThresholds
 from editing.seeds import item_seed
 
+if TYPE_CHECKING:
+    from torch import Tensor
 
-class ApplyConfig(BaseModel):
-    """Application settings; None takes the instruction's learned defaults (guidance chosen on its
-    exemplar pairs), then the model's edits.json defaults (else IP2P's)."""
-
-    # An infinite or NaN guidance scale would turn every output into NaN, not into an error.
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0, description="text guidance scale")
-    image_guidance_scale: float | None = Field(None, ge=0, description="image guidance scale")
-    batch_size: int = Field(16, ge=1, description="images per UNet batch (x2 or x3 rows with guidance)")
-    full_resolution: bool = Field(True, description="lift the native-size edit to the input size")
-    channels_last: bool = Field(
-        True, description="run the UNet and VAE in channels-last memory format (faster, same outputs)"
-    )
-    dtype: DTypeName = Field(
-        "float32",
-        description="compute dtype the model must be loaded in (load_model(dtype=...)); bfloat16 is "
-        "faster on CPUs with AMX / AVX512-BF16 and usually on GPUs, its outputs within about 1/100 of "
-        "float32's (measured speed-up: README, 'Learned instructions')",
-    )
-    progress: bool = Field(False)
+    from editing.instruct.kv import InstructionKV
 
 
 def _resolve_apply(
@@ -92,6 +75,11 @@ def edit_native(
     VAE in channels-last memory format for the call (same outputs within float tolerance, faster
     convolutions).
     """
+    import torch
+
+    from editing.instruct.kv import InjectionState, instruction_processors
+    from editing.instruct.ops import channels_last
+
     unet, vae = pipe.unet, pipe.vae
     device, dtype = unet.device, next(unet.parameters()).dtype
     batch = sources.shape[0]
@@ -159,6 +147,8 @@ def choose_guidance(
     come closest (PSNR) to their afters, at the model's default steps and image guidance. A learned
     instruction can want more (or less) amplification than the model's default; choosing it on the
     exemplars keeps test images out of the choice. `bank` must hold the instruction, frozen."""
+    from editing.metrics import psnr
+
     if not candidates:
         return {}
     steps, default_text, image_scale = _resolve_apply(ApplyConfig(), model.spec)
@@ -188,6 +178,36 @@ def photometric_output(instruction: LearnedInstruction, image: Image.Image) -> I
     return apply_photometric(instruction.lut, instruction.light_field, image)
 
 
+def expected_output(
+    instruction: LearnedInstruction, source: Image.Image, output: Image.Image | None = None
+) -> Image.Image | None:
+    """What the instruction's photometric edit makes of `source` (its LUT, then its light field),
+    for the colour QC. On a route without a learned stage the instruction's `output` is that very
+    edit, so a given `output` is returned as it is instead of applying the stage a second time
+    (that second application was ~15% of a LUT partition's time)."""
+    if instruction.lut is None:
+        return None
+    if output is not None and not instruction.learned_stage:
+        return output
+    return photometric_output(instruction, source)
+
+
+def qc_thresholds(instruction: LearnedInstruction, base: QCThresholds) -> QCThresholds:
+    """`base` with the colour limits widened by what the LUT leaves on the exemplars, for routes
+    with a learned stage: a vignette learned on top of the LUT moves every output away from
+    LUT(source) by about as much as the retoucher's afters differ from LUT(before), and that is
+    the edit, not a cast. The LUT alone reproduces LUT(source) and gets no allowance."""
+    fit = instruction.metadata.get("lut_fit") or {}
+    if not instruction.learned_stage or not fit:
+        return base
+    mean, p95 = float(fit.get("deltae2000_mean", 0.0)), float(fit.get("deltae2000_p95", 0.0))
+    return dataclasses.replace(
+        base,
+        flag_deltae2000_mean=base.flag_deltae2000_mean + mean, fail_deltae2000_mean=base.fail_deltae2000_mean + mean,
+        flag_deltae2000_p95=base.flag_deltae2000_p95 + p95, fail_deltae2000_p95=base.fail_deltae2000_p95 + p95,
+    )
+
+
 def apply_instruction(
     model,
     instruction: LearnedInstruction,
@@ -215,6 +235,19 @@ def apply_instruction(
         images = [photometric_output(instruction, image) for image in images]
     if not instruction.learned_stage:
         return list(images)
+    return _apply_learned_stage(model, instruction, images, config, seeds)
+
+
+def _apply_learned_stage(
+    model, instruction: LearnedInstruction, images: Sequence[Image.Image], config: ApplyConfig, seeds: list[int]
+) -> list[Image.Image]:
+    """`apply_instruction`'s learned stage, on the photometric stage's outputs."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from editing.instruct.ops import pil_to_tensor, tensor_to_pil, to_native
+    from editing.lift import lift_edit
+
     check_model_binding(instruction.metadata, instruction.model_id, instruction.model_sha256, model)
     if model.dtype != config.dtype:
         raise ValueError(

@@ -3,6 +3,10 @@
 An artifact is safetensors bytes plus JSON metadata. The metadata carries a content hash over both
 and the hash of the model the instruction was learned on, so a modified artifact and an artifact
 loaded with another model are refused instead of silently producing other edits.
+
+torch is imported only for an instruction with a learned stage: a LUT-only instruction (or one loaded
+`photometric_only`) is read with safetensors' numpy reader, so a process that only applies LUTs starts
+without torch.
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import safetensors.torch
-import torch
 from PIL import Image
-from torch import Tensor
+from safetensors.numpy import load as load_arrays
 
-from editing.instruct.kv import SPACES, InstructionKV, cross_attention_layers
-from editing.instruct.ops import count_instruction_tokens, encode_text
 from editing.light_field import LightField, field_from_tensors, field_tensors
 from editing.photometric import Lut, lut_from_tensors, lut_tensors
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from editing.instruct.kv import InstructionKV
 
 ARTIFACT_FORMAT = "catalogue-retouch/instruction"
 ARTIFACT_VERSION = 1
@@ -89,6 +95,9 @@ class LearnedInstruction:
 
     def bank(self, pipe) -> InstructionKV:
         """The K/V bank of this instruction on `pipe`'s UNet, frozen for application."""
+        from editing.instruct.kv import InstructionKV
+        from editing.instruct.ops import encode_text
+
         if not self.learned_stage:
             raise ValueError(f"instruction {self.category!r} has route {self.route!r}: no learned stage")
         null = encode_text(pipe, [""])[0]
@@ -103,6 +112,8 @@ class LearnedInstruction:
 
 def phrase_instruction(model, text: str, category: str = "") -> LearnedInstruction:
     """A plain text instruction in the same form as a learned one (nothing optimised)."""
+    from editing.instruct.ops import count_instruction_tokens, encode_text
+
     pipe = model.pipe
     context = encode_text(pipe, [text])[0]
     num_tokens = max(1, count_instruction_tokens(pipe, text))
@@ -156,6 +167,8 @@ def _legacy_content_hash(data: bytes, metadata: dict) -> str:
 def save_instruction(instruction: LearnedInstruction) -> tuple[bytes, dict]:
     """(safetensors bytes, JSON-serialisable metadata); the metadata carries a content hash over
     both, so neither can be altered unnoticed. Also sets `instruction.sha256`."""
+    from safetensors.torch import save
+
     if instruction.route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {instruction.route!r}")
     if instruction.photometric_stage and instruction.lut is None:
@@ -169,7 +182,7 @@ def save_instruction(instruction: LearnedInstruction) -> tuple[bytes, dict]:
         if not instruction.photometric_stage:
             raise ValueError(f"route {instruction.route!r} has no photometric stage to carry a light field")
         tensors.update(field_tensors(instruction.light_field, FIELD_PREFIX))
-    data = safetensors.torch.save({k: v.detach().contiguous().float().cpu() for k, v in tensors.items()})
+    data = save({k: v.detach().contiguous().float().cpu() for k, v in tensors.items()})
     metadata = copy.deepcopy(instruction.metadata)
     metadata.update(
         route=instruction.route,
@@ -201,6 +214,10 @@ def check_tensors(tensors: dict[str, Tensor], metadata: dict, model) -> None:
     with the hash recomputed. This check bounds what such an edit can do: every tensor's name, shape
     and dtype must be the model's (a wrong shape would otherwise be broadcast), and nothing extra.
     """
+    import torch
+
+    from editing.instruct.kv import SPACES, cross_attention_layers
+
     try:
         space, num_tokens, num_groups = metadata["space"], int(metadata["num_tokens"]), int(metadata["num_groups"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -288,7 +305,13 @@ def load_instruction(
     route = metadata.get("route", "instructbrush")
     if route not in ROUTES:
         raise InstructionIntegrityError(f"instruction route {route!r} is not one of {ROUTES}")
-    tensors = safetensors.torch.load(data)
+    photometric = route == "lut" or photometric_only
+    if photometric:
+        tensors = load_arrays(data)
+    else:
+        from safetensors.torch import load as load_tensors
+
+        tensors = load_tensors(data)
     lut = _split_lut(tensors, metadata)
     light_field = _split_field(tensors, metadata)
     if light_field is not None and route == "instructbrush":
@@ -297,7 +320,7 @@ def load_instruction(
         raise InstructionIntegrityError(f"instruction route {route!r} needs a LUT and the artifact has none")
     if route == "lut" and tensors:
         raise InstructionIntegrityError(f"a LUT-only instruction has extra tensors: {sorted(tensors)[:5]}")
-    if route == "lut" or photometric_only:
+    if photometric:
         context, tensors = None, {}
     else:
         if model is None:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from pydantic import BaseModel, Field
 from torch import Tensor
 
+from editing.instruct.config import InitConfig
 from editing.instruct.ops import denoising_loss, encode_pairs, encode_text
 
 PHRASE_BANK = Path(__file__).parent.parent / "data" / "phrases.txt"
@@ -63,31 +63,6 @@ class Scorer(Protocol):
     """Ranks phrases for a set of exemplar pairs; (N, 3, h, w) tensors in [0, 1]."""
 
     def score(self, phrases: Sequence[str], before: Tensor, after: Tensor) -> PhraseScores: ...
-
-
-class InitConfig(BaseModel):
-    """Initialisation settings; r, eta and the template are the paper's."""
-
-    top_r: int = Field(5, ge=1, description="phrases kept per side (paper: r = 5)")
-    threshold: float = Field(0.15, description="minimum normalised score (paper: eta = 0.15)")
-    template: str = Field("turn {before} into {after}", description="paper's instruction template")
-    after_only_template: str = Field(
-        "{after}", description="used when no before-phrase passes: the after-phrases as an instruction"
-    )
-    fallback: str | None = Field(
-        None,
-        description="instruction when no after-phrase passes the threshold; None = the top-1 scored "
-        "after-phrase (deviation from the paper's 'None' instruction, see module docstring)",
-    )
-    phrases: list[str] | None = Field(
-        None, description="candidate phrases; None = the shipped bank plus the model's own phrasings"
-    )
-    score_timesteps: tuple[int, ...] = Field(
-        (650,), description="fixed timesteps for scoring; the instruction matters most at high t"
-    )
-    max_score_pairs: int = Field(4, ge=1, description="pairs used for scoring (cost grows linearly)")
-    rows_per_batch: int = Field(96, ge=1, description="UNet rows per scoring forward pass")
-    seed: int = Field(0, description="seed of the fixed scoring noise")
 
 
 class ModelLossScorer:

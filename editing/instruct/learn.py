@@ -12,18 +12,16 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from editing.instruct.apply import choose_guidance
 from editing.instruct.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, LearnedInstruction
+from editing.instruct.config import LearnConfig
 from editing.instruct.init import (
-    InitConfig,
     Initialisation,
     ModelLossScorer,
     Scorer,
@@ -51,34 +49,6 @@ class InstructionPair:
     before: Image.Image
     after: Image.Image
     sha256: str = ""
-
-
-class LearnConfig(BaseModel):
-    """Learning settings. Steps, lr and batch are ours (the paper gives none); groups, r, eta its."""
-
-    space: Literal["attention", "text"] = Field("attention", description="what is optimised")
-    steps: int = Field(400, ge=0, description="optimisation steps (same budget for both spaces)")
-    lr: float = Field(
-        2e-2, gt=0, description="Adam learning rate (1e-2 to 3e-2 learn equally well on the benchmark categories)"
-    )
-    batch_size: int = Field(4, ge=1, description="pairs per step, each at its own random timestep")
-    time_groups: int = Field(5, ge=1, description="time-aware K/V sets (attention space; paper: 5)")
-    holdout_pairs: int = Field(2, ge=0, description="pairs held aside to choose the best checkpoint")
-    eval_every: int = Field(25, ge=1, description="steps between held-out evaluations")
-    eval_timesteps: tuple[int, ...] = Field(
-        (100, 300, 500, 700, 900), description="fixed timesteps of the held-out evaluation"
-    )
-    seed: int = Field(0, description="seeds pair/timestep/noise sampling and the evaluation noise")
-    init_instruction: str | None = Field(
-        None, description="skip the phrase search and start from this instruction"
-    )
-    init: InitConfig = Field(default_factory=InitConfig)
-    guidance_candidates: tuple[float, ...] = Field(
-        (1.0, 1.5, 2.0),
-        description="text guidance scales tried after learning; the one with the best PSNR on the "
-        "exemplar pairs becomes the instruction's default (empty: keep the model's default)",
-    )
-    progress: bool = Field(True, description="show a progress bar")
 
 
 @dataclass

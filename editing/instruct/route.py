@@ -21,57 +21,33 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, Field
 
-from editing.instruct.apply import ApplyConfig, apply_instruction, apply_photometric, photometric_output
+from editing.instruct.apply import (
+    apply_instruction,
+    apply_photometric,
+)
 from editing.instruct.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, LearnedInstruction
+from editing.instruct.config import ApplyConfig, LearnConfig, RouteConfig
 from editing.instruct.init import Scorer
-from editing.instruct.learn import InstructionPair, LearnConfig, learn_instruction
+from editing.instruct.learn import InstructionPair, learn_instruction
 from editing.instruct.ops import pil_to_tensor
 from editing.light_field import (
-    GRID,
     LightField,
     choose_light_field,
     fit_light_field,
     remove_light_field,
 )
 from editing.metrics import psnr
-from editing.photometric import LUT_SIZE, Lut, apply_lut, fit_lut
-from editing.quality import QCThresholds, deltae2000, reference_shift
+from editing.photometric import Lut, apply_lut, fit_lut
+from editing.quality import deltae2000, reference_shift
 from editing.seeds import item_seed
 
-RouteName = Literal["auto", "lut", "lut+instructbrush", "instructbrush"]
 LEARNED_ROUTES = ("lut+instructbrush", "instructbrush")
 FIELD_REFINEMENTS = 3
-
-
-class RouteConfig(BaseModel):
-    """How the photometric stage is fitted and the route chosen."""
-
-    route: RouteName = Field(
-        "auto",
-        description="auto: choose on held-out pairs; lut: the fitted 3D LUT alone; lut+instructbrush: "
-        "the LUT, then an instruction learned on what it leaves; instructbrush: the instruction alone",
-    )
-    lut_size: int = Field(LUT_SIZE, ge=2, le=65, description="lattice points per axis of the fitted 3D LUT")
-    holdout_pairs: int = Field(
-        2, ge=1, le=100, description="pairs held back to score the routes (auto); fewer than 2 left to "
-        "learn on: the LUT alone"
-    )
-    margin_db: float = Field(
-        0.5, ge=0, le=20, description="a learned route must beat the LUT alone by this much PSNR (auto)"
-    )
-    seed: int = Field(0, ge=0, description="seeds the held-out split")
-    light_field: bool = Field(
-        True, description="fit a light field under the LUT (a vignette, a dodge or burn in a fixed place of "
-        "the frame) when leaving each pair out shows it gains margin_db"
-    )
-    light_field_grid: int = Field(GRID, ge=2, le=33, description="lattice points per axis of the light field")
 
 
 def score(outputs: Sequence[Image.Image], truths: Sequence[Image.Image]) -> dict[str, float]:
@@ -229,33 +205,3 @@ def learn_routed(
         route_wall_time_s=round(time.perf_counter() - started, 3),
     )
     return instruction
-
-
-def expected_output(
-    instruction: LearnedInstruction, source: Image.Image, output: Image.Image | None = None
-) -> Image.Image | None:
-    """What the instruction's photometric edit makes of `source` (its LUT, then its light field),
-    for the colour QC. On a route without a learned stage the instruction's `output` is that very
-    edit, so a given `output` is returned as it is instead of applying the stage a second time
-    (that second application was ~15% of a LUT partition's time)."""
-    if instruction.lut is None:
-        return None
-    if output is not None and not instruction.learned_stage:
-        return output
-    return photometric_output(instruction, source)
-
-
-def qc_thresholds(instruction: LearnedInstruction, base: QCThresholds) -> QCThresholds:
-    """`base` with the colour limits widened by what the LUT leaves on the exemplars, for routes
-    with a learned stage: a vignette learned on top of the LUT moves every output away from
-    LUT(source) by about as much as the retoucher's afters differ from LUT(before), and that is
-    the edit, not a cast. The LUT alone reproduces LUT(source) and gets no allowance."""
-    fit = instruction.metadata.get("lut_fit") or {}
-    if not instruction.learned_stage or not fit:
-        return base
-    mean, p95 = float(fit.get("deltae2000_mean", 0.0)), float(fit.get("deltae2000_p95", 0.0))
-    return dataclasses.replace(
-        base,
-        flag_deltae2000_mean=base.flag_deltae2000_mean + mean, fail_deltae2000_mean=base.fail_deltae2000_mean + mean,
-        flag_deltae2000_p95=base.flag_deltae2000_p95 + p95, fail_deltae2000_p95=base.fail_deltae2000_p95 + p95,
-    )

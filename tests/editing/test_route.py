@@ -17,8 +17,8 @@ from editing.instruct import (
     load_instruction,
     save_instruction,
 )
+from editing.instruct.apply import expected_output
 from editing.instruct.artifact import _content_hash
-from editing.instruct.route import expected_output
 from editing.models import load_model
 from editing.photometric import apply_lut
 

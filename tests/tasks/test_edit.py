@@ -174,3 +174,77 @@ def test_finished_pieces_lists_the_run_once_and_reads_only_what_it_found(tmp_pat
     assert len(listings) == 1
     # Only the three pieces with something listed were looked at again (p2/1 and p3 were not).
     assert not any("p3" in key or "00001" in key for key in asked)
+
+
+LUT_PARTITION_DRIVER = """
+import json, sys
+from prefect.logging import disable_run_logger
+from tasks import edit
+from tasks.params import PartitionJob
+
+job = PartitionJob.model_validate_json(sys.argv[1])
+with disable_run_logger():
+    summary = edit.edit_partition.fn(job)
+print(json.dumps({"summary": summary, "loaded": sorted(m for m in ("torch", "diffusers", "transformers")
+                                                       if m in sys.modules)}))
+"""
+
+
+def test_a_lut_partition_runs_in_a_process_that_never_imports_torch(store, tmp_path) -> None:
+    """A partition run on the LUT route is a fresh process on a pool worker; its instruction, its
+    photometric stage (a LUT and a light field), QC and manifest run on numpy and Pillow, so the
+    process starts without torch (~2 s and ~300 MB per run). Its outputs are the torch path's."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    from editing.instruct import LearnedInstruction, save_instruction
+    from editing.light_field import LightField, apply_light_field
+    from editing.photometric import apply_lut, identity_lut
+    from editing.quality import reference_shift
+    from storage.run_layout import instruction_keys, output_key
+
+    warm = identity_lut(9).table * np.array([1.0, 0.9, 0.75], dtype=np.float32)
+    vignette = LightField(torch.linspace(0.7, 1.0, 9)[:, None].expand(9, 9), torch.zeros(9, 9))
+    lut = type(identity_lut(9))(warm, identity_lut(9).domain)
+    instruction = LearnedInstruction(
+        category="c", space="attention", instruction="", num_tokens=1, num_groups=1, context=None, tensors={},
+        model_id="none", model_sha256="0" * 64, route="lut", lut=lut, light_field=vignette,
+    )
+    data, metadata = save_instruction(instruction)
+    weights_key, metadata_key = instruction_keys("c", "k")
+    store.put_bytes(weights_key, data)
+    store.put_bytes(metadata_key, json.dumps(metadata).encode())
+    colours = [(200, 150, 120), (90, 60, 30), (30, 120, 200)]
+    items, images = [], []
+    for i, colour in enumerate(colours):
+        image = Image.fromarray(np.random.default_rng(i).integers(0, 40, (24, 32, 3), dtype=np.uint8) + np.uint8(colour))
+        store.put_bytes(f"catalogue/p{i}.png", encode_png(image))
+        items.append({"image_id": f"p{i}", "key": f"catalogue/p{i}.png", "category": "c", "index_error": ""})
+        images.append(image)
+    shift = reference_shift([(image, apply_lut(lut, image)) for image in images])
+    record = {"status": "ok", "route": "lut", "cache_key": "k", "sha256": metadata["content_sha256"],
+              "weights_key": weights_key, "metadata_key": metadata_key, "reference_shift": shift}
+    job = PartitionJob(store_uri=store.uri, output_uri=store.uri, run_id="r1", partition="p0", items=items,
+                       instructions={"c": record}, apply=ApplyParams())
+
+    env = {**__import__("os").environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    done = subprocess.run([sys.executable, "-c", LUT_PARTITION_DRIVER, job.model_dump_json()], env=env, check=False,
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert report["loaded"] == []
+    rows = read_manifest(store, "r1").set_index("image_id")
+    assert report["summary"]["items"] == 3 and "error" not in report["summary"]["qc_status"], rows["error"].tolist()
+    rows = read_manifest(store, "r1").set_index("image_id")
+    for i in range(len(colours)):
+        source = edit.load_image(store, f"catalogue/p{i}.png")
+        assert rows.loc[f"p{i}", "output_uri"] == store.uri_for(output_key("r1", "c", "p0", f"p{i}"))
+        output = np.asarray(edit.load_image(store, output_key("r1", "c", "p0", f"p{i}")))
+        pixels = torch.from_numpy(np.array(apply_lut(lut, source))).permute(2, 0, 1) / 255
+        through_torch = apply_light_field(vignette, pixels).permute(1, 2, 0).numpy() * 255
+        assert np.abs(output.astype(np.float64) - through_torch).max() <= 1.0
+        assert rows.loc[f"p{i}", "method"] == "lut"
