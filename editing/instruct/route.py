@@ -26,10 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from editing.instruct.apply import (
-    apply_instruction,
-    apply_photometric,
-)
+from editing.instruct.apply import apply_instruction, apply_photometric
 from editing.instruct.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, LearnedInstruction
 from editing.instruct.config import ApplyConfig, LearnConfig, RouteConfig
 from editing.instruct.init import Scorer
