@@ -194,6 +194,7 @@ def test_a_lut_partition_runs_in_a_process_that_never_imports_torch(store, tmp_p
     """A partition run on the LUT route is a fresh process on a pool worker; its instruction, its
     photometric stage (a LUT and a light field), QC and manifest run on numpy and Pillow, so the
     process starts without torch (~2 s and ~300 MB per run). Its outputs are the torch path's."""
+    import os
     import subprocess
     import sys
 
@@ -202,13 +203,13 @@ def test_a_lut_partition_runs_in_a_process_that_never_imports_torch(store, tmp_p
 
     from editing.instruct import LearnedInstruction, save_instruction
     from editing.light_field import LightField, apply_light_field
-    from editing.photometric import apply_lut, identity_lut
+    from editing.photometric import Lut, apply_lut, identity_lut
     from editing.quality import reference_shift
     from storage.run_layout import instruction_keys, output_key
 
     warm = identity_lut(9).table * np.array([1.0, 0.9, 0.75], dtype=np.float32)
     vignette = LightField(torch.linspace(0.7, 1.0, 9)[:, None].expand(9, 9), torch.zeros(9, 9))
-    lut = type(identity_lut(9))(warm, identity_lut(9).domain)
+    lut = Lut(warm, identity_lut(9).domain)
     instruction = LearnedInstruction(
         category="c", space="attention", instruction="", num_tokens=1, num_groups=1, context=None, tensors={},
         model_id="none", model_sha256="0" * 64, route="lut", lut=lut, light_field=vignette,
@@ -230,7 +231,7 @@ def test_a_lut_partition_runs_in_a_process_that_never_imports_torch(store, tmp_p
     job = PartitionJob(store_uri=store.uri, output_uri=store.uri, run_id="r1", partition="p0", items=items,
                        instructions={"c": record}, apply=ApplyParams())
 
-    env = {**__import__("os").environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     done = subprocess.run([sys.executable, "-c", LUT_PARTITION_DRIVER, job.model_dump_json()], env=env, check=False,
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
