@@ -24,6 +24,10 @@ def eval_model_command(
         typer.Option(help="Folder of photos to test on (default: the photos held out of training)."),
     ] = None,
     max_photos: Annotated[int | None, typer.Option(help="Only the first N photos (sorted by name).")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Sampler steps (default: the model card's); fewer for a quick check."),
+    ] = None,
 ) -> None:
     """Per-instruction PSNR vs the ground-truth transforms, identity baseline, VAE and inversion PSNR."""
     from editing.evaluate import evaluate_model
@@ -31,7 +35,9 @@ def eval_model_command(
 
     try:
         folder = materialise_model(model_dir)
-        figures = evaluate_model(folder, photos_dir=photos, progress=True, max_photos=max_photos)
+        figures = evaluate_model(
+            folder, photos_dir=photos, progress=True, max_photos=max_photos, steps=steps
+        )
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -131,11 +131,16 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     max_photos: int | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Every figure of a model folder on held-out photos; needs the folder's edits.json.
 
     kind defaults to what the folder's edits.json and UNet say: 8 input channels is ip2p.
+    `steps` overrides the sampler steps (default: the card's, `edits.json` for ip2p and 50 for
+    the t2i's inversion and regeneration); fewer steps give a quick check, not the card's figures.
     """
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     started = time.monotonic()
     say: Callable[[str], None] = print if progress else (lambda _: None)
     path = Path(path)
@@ -151,6 +156,8 @@ def evaluate_model(
     names = sorted(photos)[:max_photos]
     images = torch.cat([photo_views(photos[name], resolution) for name in names])
     defaults = spec["defaults"]
+    if steps is None:
+        steps = int(defaults["num_inference_steps"]) if kind == "ip2p" else INVERSION_STEPS
     generator_seed = 0
     figures: dict[str, Any] = {
         "model_id": model.model_id,
@@ -160,6 +167,7 @@ def evaluate_model(
         "photos": names,
         "n_images": int(images.shape[0]),
         "settings": defaults,
+        "steps": steps,
     }
     say(f"{model.model_id}: {len(names)} photos, {images.shape[0]} views at {resolution} px")
     figures["psnr_vae_recon"] = psnr(vae_reconstruct(model, images), images)
@@ -169,11 +177,11 @@ def evaluate_model(
     identity_psnr: dict[str, float] = {}
     if kind == "t2i":
         caption = spec["base_caption"]
-        plain = invert_photos(model, images, caption, fixed_point_iterations=0)
-        figures["psnr_inversion_recon_plain"] = psnr(ddim_generate(model, plain, caption), images)
-        inverted = invert_photos(model, images, caption)
+        plain = invert_photos(model, images, caption, steps, fixed_point_iterations=0)
+        figures["psnr_inversion_recon_plain"] = psnr(ddim_generate(model, plain, caption, steps), images)
+        inverted = invert_photos(model, images, caption, steps)
         figures["inversion_fixed_point_iterations"] = FIXED_POINT_ITERATIONS
-        figures["psnr_inversion_recon"] = psnr(ddim_generate(model, inverted, caption), images)
+        figures["psnr_inversion_recon"] = psnr(ddim_generate(model, inverted, caption, steps), images)
         say(
             f"DDIM inversion + reconstruction {figures['psnr_inversion_recon']:.2f} dB "
             f"({FIXED_POINT_ITERATIONS} fixed-point iterations; plain DDIM inversion "
@@ -191,7 +199,7 @@ def evaluate_model(
                     image=_to_pil(images),
                     generator=generator,
                     output_type="pt",
-                    num_inference_steps=defaults["num_inference_steps"],
+                    num_inference_steps=steps,
                     guidance_scale=defaults["guidance_scale"],
                     image_guidance_scale=defaults["image_guidance_scale"],
                 )
@@ -199,7 +207,7 @@ def evaluate_model(
                 .cpu()
             )
         else:
-            output = ddim_generate(model, inverted, edit["caption"])
+            output = ddim_generate(model, inverted, edit["caption"], steps)
         edit_psnr[edit["id"]] = psnr(output, target)
         say(
             f"[{i + 1}/{len(spec['edits'])}] {edit['id']}: {edit_psnr[edit['id']]:.2f} dB "

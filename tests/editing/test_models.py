@@ -188,6 +188,15 @@ def test_sha256_is_stable_and_follows_content(tmp_path: Path) -> None:
     assert folder_sha256(copy) != folder_sha256(original)
 
 
+def test_eval_model_refuses_zero_steps_before_loading_anything() -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["eval-model", str(shipped_model_dir("t2i")), "--steps", "0"])
+    assert result.exit_code == 2 and "--steps" in result.output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_eval_model_ends_with_one_json_line(kind: str) -> None:
@@ -195,10 +204,12 @@ def test_eval_model_ends_with_one_json_line(kind: str) -> None:
 
     from cli.main import app
 
-    result = CliRunner().invoke(app, ["eval-model", str(shipped_model_dir(kind)), "--max-photos", "1"])
+    # 10 steps: the card's 50 cost two minutes here and check nothing more about the output's form.
+    args = ["eval-model", str(shipped_model_dir(kind)), "--max-photos", "1", "--steps", "10"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output.strip().splitlines()[-1])
-    assert figures["n_images"] == 5 and figures["kind"] == kind
+    assert figures["n_images"] == 5 and figures["kind"] == kind and figures["steps"] == 10
     assert set(figures["psnr_identity"]) == set(EDITS)
     assert figures["psnr_vae_recon"] > 20
     if kind == "ip2p":
