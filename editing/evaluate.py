@@ -220,7 +220,8 @@ def evaluate_model(
     figures["psnr_identity_mean"] = float(np.mean(list(identity_psnr.values())))
     figures[f"{key}_min_margin"] = min(edit_psnr[k] - identity_psnr[k] for k in edit_psnr)
     figures["seconds"] = round(time.monotonic() - started, 1)
-    return {k: _rounded(v) for k, v in figures.items()}
+    # The settings are the card's own values (some with 4 decimals), quoted as they are.
+    return {k: v if k == "settings" else _rounded(v) for k, v in figures.items()}
 
 
 def _rounded(value: Any) -> Any:

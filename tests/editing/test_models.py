@@ -210,6 +210,8 @@ def test_eval_model_ends_with_one_json_line(kind: str) -> None:
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output.strip().splitlines()[-1])
     assert figures["n_images"] == 5 and figures["kind"] == kind and figures["steps"] == 10
+    card = json.loads((shipped_model_dir(kind) / "edits.json").read_text())
+    assert figures["settings"] == card["defaults"], "the settings must be quoted as the card has them"
     assert set(figures["psnr_identity"]) == set(EDITS)
     assert figures["psnr_vae_recon"] > 20
     if kind == "ip2p":
