@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.text_edits import METHODS, square_views, structure
+from benchmarks.text_edits import METHODS, guidance_kwargs, square_views, structure
 from editing.metrics import psnr
 from editing.models import load_model, native_resolution
 from editing.photos import HELDOUT, load_photo
@@ -30,15 +30,13 @@ from editing.transforms import resolve_transform
 
 
 def regime_kwargs(method: str, scale: float | None) -> dict[str, float]:
-    """Guidance of one method in a regime; None is the model folder's defaults."""
+    """Guidance of one method in a regime; None is the model folder's defaults. The three methods
+    take the calibration's reading of a scale; regeneration has no source row, so w_inv 1, target S."""
     if scale is None:
         return {}
-    return {
-        "ddim_p2p": {"w_inv": 1.0, "w_src": scale, "w_tgt": scale},
-        "siminversion": {"w_inv": 0.5, "w_src": 0.5, "w_tgt": scale},
-        "fpe": {"w_src": scale, "w_tgt": scale},
-        "regenerate": {"w_inv": 1.0, "w_tgt": scale},
-    }[method]
+    if method == "regenerate":
+        return {"w_inv": 1.0, "w_tgt": scale}
+    return guidance_kwargs(method, scale)
 
 
 def main() -> None:
